@@ -1,0 +1,57 @@
+"""Builds the train and eval pipelines of a run from its data config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipelines.augment import AugSpec, CropFlipSpec, ResizedCropSpec
+from pipelines.backends import Pipeline, build_pipeline, resolve_backend
+from pipelines.formats import ArraySplit, DatasetFormat, FileSplit, Split, get_format, read_split
+from pipelines.sampler import EpochSampler
+from rrd_fast.config import ConfigError, DataConfig
+
+
+@dataclass
+class RunData:
+    fmt: DatasetFormat
+    train: Pipeline
+    eval: Pipeline
+    num_train: int
+    num_eval: int
+    backend: str
+
+
+def _limit(split: Split, limit: int) -> Split:
+    if limit <= 0 or limit >= len(split.labels):
+        return split
+    if isinstance(split, ArraySplit):
+        return ArraySplit(np.ascontiguousarray(split.images[:limit]), split.labels[:limit], split.classes)
+    return FileSplit(split.paths[:limit], split.labels[:limit], split.classes)
+
+
+def train_augmentation(cfg: DataConfig, fmt: DatasetFormat) -> AugSpec:
+    if fmt.kind == "array":
+        return CropFlipSpec(pad=cfg.pad, flip=cfg.flip)
+    return ResizedCropSpec(flip=cfg.flip)
+
+
+def build_data(cfg: DataConfig, seed: int, rank: int, world_size: int, device: torch.device) -> RunData:
+    fmt = get_format(cfg.format)
+    if cfg.batch_size % world_size:
+        raise ConfigError(f"data.batch_size: global batch {cfg.batch_size} does not divide across {world_size} processes")
+    train_split = _limit(read_split(fmt.name, cfg.root, fmt.train_split), cfg.train_limit)
+    eval_split = _limit(read_split(fmt.name, cfg.root, fmt.eval_split), cfg.eval_limit)
+    per_rank = cfg.batch_size // world_size
+    n_train, n_eval = len(train_split.labels), len(eval_split.labels)
+    if n_train < cfg.batch_size:
+        raise ConfigError(f"data.batch_size: {cfg.batch_size} is larger than the {n_train} training samples")
+    train_sampler = EpochSampler(n_train, per_rank, seed=seed, rank=rank, world_size=world_size, shuffle=True, drop_last=True)
+    eval_sampler = EpochSampler(n_eval, max(1, cfg.eval_batch_size // world_size), seed=seed, rank=rank,
+                                world_size=world_size, shuffle=False, drop_last=False)
+    backend = resolve_backend(cfg.pipeline, fmt, device)
+    train = build_pipeline(backend, train_split, fmt, train_sampler, train_augmentation(cfg, fmt), device=device)
+    evaluation = build_pipeline(backend, eval_split, fmt, eval_sampler, None, device=device)
+    return RunData(fmt, train, evaluation, n_train, n_eval, backend)

@@ -1,0 +1,133 @@
+"""The contract between the trainer and distillation methods.
+
+A loss term is a small module: it declares what it reads from the teacher and the
+batch, owns any trainable heads it needs, and maps (student output, teacher output,
+batch) to one scalar. The trainer only sums weighted terms; it knows no method names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from pipelines.batch import Batch
+from rrd_fast.models import ModelOutput
+
+
+class MethodError(ValueError):
+    """A method that cannot be built for this config or student/teacher pair."""
+
+
+@dataclass(frozen=True)
+class NetInfo:
+    """What a method may know about a network without running it."""
+
+    arch: str
+    num_classes: int
+    pooled_dim: int
+    stage_channels: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TermContext:
+    """Run-level facts a term may need: dataset size (for index memories) and the seed."""
+
+    num_train_samples: int
+    seed: int
+    world_size: int = 1
+    memory_sharding: str = "local"
+
+
+class LossTerm(nn.Module):
+    """Base class of one weighted loss term.
+
+    Subclasses set `name`, `Options` (a dataclass of their settings), and the teacher
+    fields they read (`teacher_fields`, from ModelOutput: logits, pooled, stages, pre_relu).
+    Parameters that require grad are trained with the student; others stay fixed.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type] = type("NoOptions", (), {})
+    teacher_fields: ClassVar[tuple[str, ...]] = ()
+    needs_index: ClassVar[bool] = False
+
+    def __init__(self, options: Any, student: NetInfo, teacher: NetInfo | None, context: TermContext) -> None:
+        super().__init__()
+        self.options = options
+
+    def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+
+_TERMS: dict[str, type[LossTerm]] = {}
+
+
+def register_term(cls: type[LossTerm]) -> type[LossTerm]:
+    if cls.name in _TERMS:
+        raise ValueError(f"loss term {cls.name!r} registered twice")
+    _TERMS[cls.name] = cls
+    return cls
+
+
+def get_term(name: str) -> type[LossTerm]:
+    if name not in _TERMS:
+        raise MethodError(f"unknown loss term {name!r} (known: {', '.join(sorted(_TERMS))})")
+    return _TERMS[name]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A user-facing method: which term `beta` weighs (None: only CE/KD) and whether it needs a teacher."""
+
+    name: str
+    term: str | None
+    uses_teacher: bool
+    default_weights: tuple[float, float, float]  # gamma, alpha, beta as in the authors' commands
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    if spec.name in _METHODS:
+        raise ValueError(f"method {spec.name!r} registered twice")
+    _METHODS[spec.name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    if name not in _METHODS:
+        close = difflib.get_close_matches(name, list(_METHODS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise MethodError(f"method.name: unknown method {name!r}{hint} (known: {', '.join(sorted(_METHODS))})")
+    return _METHODS[name]
+
+
+def list_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def parse_options(term: type[LossTerm], raw: dict[str, Any] | None) -> Any:
+    """Build a term's options dataclass from a plain dict, refusing unknown keys by name."""
+    raw = dict(raw or {})
+    if not dataclasses.is_dataclass(term.Options):
+        if raw:
+            raise MethodError(f"method.options.{term.name}: this term takes no options, got {sorted(raw)}")
+        return None
+    hints = typing.get_type_hints(term.Options)
+    names = [f.name for f in dataclasses.fields(term.Options)]
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise MethodError(f"unknown config key 'method.options.{term.name}.{key}'{hint}")
+        allowed = typing.get_args(hints[key]) if typing.get_origin(hints[key]) is typing.Literal else None
+        if allowed and value not in allowed:
+            raise MethodError(f"method.options.{term.name}.{key}: {value!r} is not one of {allowed}")
+    return term.Options(**raw)

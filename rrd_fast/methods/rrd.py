@@ -1,0 +1,92 @@
+"""Relational Representation Distillation (arXiv 2407.12073).
+
+The student's embedding is trained to reproduce, over a queue of past teacher
+embeddings, the teacher's sharpened similarity distribution:
+  L = mean_i -sum_k softmax(z_t Q^T / tau_t)[i,k] log softmax(z_s Q^T / tau_s)[i,k].
+Two versions of the authors' code differ in temperatures and enqueue order; both are
+presets (`paper`, the default, matches the published CIFAR-100 numbers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipelines.batch import Batch
+from rrd_fast.memory import build_memory
+from rrd_fast.methods.base import LossTerm, MethodSpec, NetInfo, TermContext, register_method, register_term
+from rrd_fast.models import ModelOutput
+
+PRESETS: dict[str, dict[str, object]] = {
+    # Code released with the July 2024 paper: own key not in the queue (MoCo order).
+    "paper": {"tau_s": 0.04, "tau_t": 0.10, "enqueue": "after"},
+    # Reference code since Feb 2025: own key in the queue before the loss.
+    "2025": {"tau_s": 0.1, "tau_t": 0.02, "enqueue": "before"},
+}
+
+
+@dataclass(frozen=True)
+class RRDOptions:
+    preset: Literal["paper", "2025"] = "paper"
+    tau_s: float | None = None  # None: take the preset's value
+    tau_t: float | None = None
+    enqueue: Literal["before", "after"] | None = None
+    queue_size: int = 16384
+    feat_dim: int = 128
+
+    def resolved(self) -> tuple[float, float, str]:
+        preset = PRESETS[self.preset]
+        tau_s = self.tau_s if self.tau_s is not None else float(preset["tau_s"])
+        tau_t = self.tau_t if self.tau_t is not None else float(preset["tau_t"])
+        enqueue = self.enqueue if self.enqueue is not None else str(preset["enqueue"])
+        return tau_s, tau_t, enqueue
+
+
+@register_term
+class RRD(LossTerm):
+    """Exposes `embed_s`, `embed_t` (nn.Linear) and `memory.queue` (K×D buffer).
+
+    `embed_t` is a fixed random projection: the target distribution is detached, so it
+    never receives a gradient in the reference either, and it is left out of training.
+    """
+
+    name = "rrd"
+    Options = RRDOptions
+    teacher_fields = ("pooled",)
+
+    def __init__(self, options: RRDOptions, student: NetInfo, teacher: NetInfo | None, context: TermContext) -> None:
+        super().__init__(options, student, teacher, context)
+        assert teacher is not None
+        self.tau_s, self.tau_t, self.enqueue_when = options.resolved()
+        self.embed_s = nn.Linear(student.pooled_dim, options.feat_dim)
+        self.embed_t = nn.Linear(teacher.pooled_dim, options.feat_dim)
+        self.embed_t.requires_grad_(False)
+        self.memory = build_memory(context.memory_sharding, options.queue_size, options.feat_dim, context.seed)
+
+    @property
+    def queue(self) -> torch.Tensor:
+        return self.memory.queue
+
+    def embed(self, student_pooled: torch.Tensor, teacher_pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z_s = F.normalize(self.embed_s(student_pooled.float()), dim=1)
+        with torch.no_grad():
+            z_t = F.normalize(self.embed_t(teacher_pooled.float()), dim=1)
+        return z_s, z_t
+
+    def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> torch.Tensor:
+        assert teacher is not None
+        with torch.autocast(device_type=student.pooled.device.type, enabled=False):
+            z_s, z_t = self.embed(student.pooled, teacher.pooled)
+            if self.enqueue_when == "before":
+                self.memory.enqueue(z_t)
+            loss = self.memory.soft_cross_entropy(z_s, z_t, self.tau_s, self.tau_t).mean()
+            if self.enqueue_when == "after":
+                self.memory.enqueue(z_t)
+        return loss
+
+
+register_method(MethodSpec("rrd", term="rrd", uses_teacher=True, default_weights=(1.0, 0.0, 1.0)))

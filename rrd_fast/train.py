@@ -1,0 +1,46 @@
+"""Train a teacher or distill a student.
+
+    accelerate launch rrd_fast/train.py --config configs/cifar100/resnet32x4_resnet8x4_rrd_kd.yaml [key=value ...]
+    python rrd_fast/train.py --resume runs/NAME
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the package, not sibling modules
+    _root = Path(__file__).resolve().parent.parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _root / "rrd_fast"]
+    sys.path.insert(0, str(_root))
+
+import argparse  # noqa: E402
+
+from rrd_fast.cli import run_cli  # noqa: E402
+from rrd_fast.config import load_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rrd_fast/train.py", description="Train a teacher or distill a student.")
+    parser.add_argument("--config", type=Path, help="YAML run config")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optim.epochs=10")
+    args = parser.parse_args(argv)
+    if args.resume is not None:
+        cfg = load_config(args.resume / "config.yaml", args.overrides)
+        if Path(cfg.run_dir).resolve() != args.resume.resolve():
+            cfg.output_dir, cfg.name = str(args.resume.parent), args.resume.name
+    else:
+        cfg = load_config(args.config, args.overrides)
+    from rrd_fast.trainer import Trainer  # after argument errors, so `--help` stays fast
+
+    trainer = Trainer(cfg, resume=args.resume is not None)
+    summary = trainer.fit()
+    if trainer.accelerator.is_main_process:
+        print(f"{cfg.name}: last-epoch top-1 {summary['top1_last']:.2f}, best top-1 {summary['top1_best']:.2f} "
+              f"(epoch {summary['best_epoch']}), {summary['images_per_s']:.0f} img/s, {summary['train_time_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

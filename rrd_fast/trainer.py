@@ -1,0 +1,332 @@
+"""The Accelerate training loop shared by teacher training and every distillation method.
+
+It sums the named terms an `Objective` returns and knows no method names. Resume state
+is written atomically at epoch ends; since batches are a pure function of (seed, epoch),
+a resumed run replays exactly what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+from torch import nn
+from tqdm import tqdm
+
+from pipelines.batch import Batch
+from rrd_fast.atomic import atomic_path, write_json_atomic
+from rrd_fast.checkpoint import write_model_checkpoint
+from rrd_fast.cli import RunError
+from rrd_fast.config import RunConfig, config_to_dict, save_config
+from rrd_fast.data import RunData, build_data
+from rrd_fast.methods import NetInfo, Objective, TermContext
+from rrd_fast.models import ModelOutput, create_model
+from rrd_fast.teacher import load_teacher
+
+RESUME_FILE = "resume/state.pt"
+
+
+class DistillModule(nn.Module):
+    """Student plus the objective's heads and memories: everything the optimizer or DDP touches."""
+
+    def __init__(self, student: nn.Module, objective: Objective) -> None:
+        super().__init__()
+        self.student = student
+        self.objective = objective
+
+    def forward(self, images: torch.Tensor, teacher_out: ModelOutput | None, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = self.student(images, features=True)
+        return out.logits, self.objective(out, teacher_out, batch)
+
+
+def net_info(model: nn.Module, arch: str, num_classes: int) -> NetInfo:
+    return NetInfo(arch=arch, num_classes=num_classes, pooled_dim=int(model.pooled_dim),
+                   stage_channels=tuple(int(c) for c in model.stage_channels))
+
+
+def lr_at(cfg: RunConfig, epoch: int) -> float:
+    """Step decay at the milestones (0-based epochs, as RepDistiller's 1-based `epoch > m`)."""
+    lr = cfg.optim.lr
+    if cfg.optim.lr_scaling == "linear":
+        lr *= cfg.data.batch_size / cfg.optim.base_batch_size
+    return lr * cfg.optim.lr_decay ** sum(epoch >= m for m in cfg.optim.milestones)
+
+
+class OnlineTeacher:
+    """Runs the frozen teacher on each batch, without autograd, under the run's autocast."""
+
+    def __init__(self, model: nn.Module, accelerator: Accelerator, channels_last: bool) -> None:
+        self.model = model
+        self.accelerator = accelerator
+        self.channels_last = channels_last
+
+    def __call__(self, batch: Batch, images: torch.Tensor) -> ModelOutput:
+        with torch.no_grad(), self.accelerator.autocast():
+            return self.model(images, features=True)
+
+
+TeacherSourceFactory = Callable[..., Callable[[Batch, torch.Tensor], ModelOutput]]
+
+
+def check_launch(accelerator: Accelerator) -> None:
+    """Refuse N independent single-process trainings started by a launcher by mistake."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:
+        raise RunError(
+            f"launched {launched} processes but each sees world size 1: on CPU use "
+            "`accelerate launch --multi_gpu --num_processes N` with ACCELERATE_USE_CPU=true (`--cpu` runs one process)"
+        )
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # next epoch to run
+    global_step: int = 0
+    best_top1: float = -1.0
+    best_epoch: int = -1
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, resume: bool = False, teacher_source: TeacherSourceFactory | None = None) -> None:
+        self.cfg = cfg
+        ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+        cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu, kwargs_handlers=[ddp])
+        check_launch(self.accelerator)
+        acc = self.accelerator
+        torch.manual_seed(cfg.seed)
+        self.data: RunData = build_data(cfg.data, cfg.seed, acc.process_index, acc.num_processes, acc.device)
+        fmt = self.data.fmt
+        self.run_dir = cfg.run_dir
+        student = create_model(cfg.student.arch, num_classes=fmt.num_classes, in_channels=fmt.channels)
+        teacher_model, self.teacher_meta = None, None
+        if cfg.teacher.checkpoint or cfg.teacher.arch:
+            if not cfg.teacher.checkpoint:
+                raise RunError("teacher.checkpoint: a teacher architecture is set but no checkpoint to load it from")
+        from rrd_fast.methods import get_method
+
+        uses_teacher = get_method(cfg.method.name).uses_teacher
+        if uses_teacher:
+            if not cfg.teacher.checkpoint:
+                raise RunError(f"teacher.checkpoint: method {cfg.method.name!r} needs a teacher checkpoint")
+            teacher_model, self.teacher_meta = load_teacher(cfg.teacher.checkpoint, cfg.teacher.arch, fmt.num_classes, fmt.channels)
+        teacher_info = net_info(teacher_model, self.teacher_meta["arch"], fmt.num_classes) if teacher_model is not None else None
+        sharding = cfg.distributed.memory_sharding
+        if sharding == "auto":
+            sharding = "sharded" if acc.num_processes > 1 else "local"
+        context = TermContext(self.data.num_train, cfg.seed, acc.num_processes, sharding)
+        objective = Objective(cfg.method, net_info(student, cfg.student.arch, fmt.num_classes), teacher_info, context)
+        if cfg.distributed.sync_batchnorm and acc.num_processes > 1:
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        self.memory_format = memory_format
+        module = DistillModule(student.to(memory_format=memory_format), objective)
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=lr_at(cfg, 0), momentum=cfg.optim.momentum,
+                                    weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+        self.module, self.optimizer = acc.prepare(module, optimizer)
+        self.teacher = None
+        if teacher_model is not None:
+            teacher_model = teacher_model.to(acc.device, memory_format=memory_format)
+            factory = teacher_source or (lambda model, **_: OnlineTeacher(model, acc, cfg.train.channels_last))
+            self.teacher = factory(model=teacher_model, accelerator=acc, cfg=cfg, data=self.data, meta=self.teacher_meta)
+        self.state = TrainState()
+        if resume:
+            self._load_resume()
+        elif acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+
+    # ------------------------------------------------------------------ state
+    @property
+    def unwrapped(self) -> DistillModule:
+        return self.accelerator.unwrap_model(self.module)
+
+    def _resume_payload(self) -> dict[str, Any]:
+        scaler = self.accelerator.scaler
+        return {
+            "module": self.unwrapped.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else {},
+            "epoch": self.state.epoch,
+            "global_step": self.state.global_step,
+            "best_top1": self.state.best_top1,
+            "best_epoch": self.state.best_epoch,
+            "history_json": json.dumps(self.state.history),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def _save_resume(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with atomic_path(self.run_dir / RESUME_FILE) as tmp:
+            torch.save(self._resume_payload(), tmp)
+
+    def _load_resume(self) -> None:
+        path = self.run_dir / RESUME_FILE
+        if not path.is_file():
+            raise RunError(f"{path}: no resume state in this run folder")
+        try:
+            payload = torch.load(path, map_location=self.accelerator.device, weights_only=True)
+        except Exception as exc:
+            raise RunError(f"{path}: resume state unreadable ({str(exc).splitlines()[0][:200]})") from None
+        try:
+            self.unwrapped.load_state_dict(payload["module"], strict=True)
+        except RuntimeError as exc:
+            raise RunError(f"{path}: resume state does not fit this config ({str(exc).splitlines()[0][:200]})") from None
+        self.optimizer.load_state_dict(payload["optimizer"])
+        if self.accelerator.scaler is not None and payload["scaler"]:
+            self.accelerator.scaler.load_state_dict(payload["scaler"])
+        self.state = TrainState(int(payload["epoch"]), int(payload["global_step"]), float(payload["best_top1"]),
+                                int(payload["best_epoch"]), json.loads(payload["history_json"]))
+        torch.set_rng_state(payload["torch_rng"].cpu())
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, Any]:
+        cfg, acc = self.cfg, self.accelerator
+        while self.state.epoch < cfg.optim.epochs:
+            record = self._train_epoch(self.state.epoch)
+            if (self.state.epoch + 1) % cfg.train.eval_every == 0 or self.state.epoch + 1 == cfg.optim.epochs:
+                record.update(self.evaluate())
+                if record["top1"] > self.state.best_top1:
+                    self.state.best_top1, self.state.best_epoch = record["top1"], self.state.epoch
+            self.state.history.append(record)
+            self.state.epoch += 1
+            if acc.is_main_process:
+                self._write_metrics()
+                self._write_student()
+            if self.state.epoch % cfg.train.save_every == 0 or self.state.epoch == cfg.optim.epochs:
+                self._save_resume()
+            acc.wait_for_everyone()
+        summary = self.summary()
+        if acc.is_main_process:
+            write_json_atomic(self.run_dir / "summary.json", summary)
+        return summary
+
+    def _sync_buffers(self) -> None:
+        """DDP runs with broadcast_buffers=False (memories differ per rank), so BN stats are synced here."""
+        if self.accelerator.num_processes > 1:
+            for buf in self.unwrapped.student.buffers():
+                torch.distributed.broadcast(buf, 0)
+
+    def _train_epoch(self, epoch: int) -> dict[str, Any]:
+        cfg, acc = self.cfg, self.accelerator
+        lr = lr_at(cfg, epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.module.train()
+        pipe = self.data.train
+        steps = len(pipe)
+        names = list(self.unwrapped.objective.weights)
+        sums = torch.zeros(len(names), device=acc.device, dtype=torch.float64)
+        correct = torch.zeros((), device=acc.device, dtype=torch.long)
+        pending: list[torch.Tensor] = []
+        seen = 0
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", disable=not (cfg.train.progress and acc.is_local_main_process),
+                   leave=False, dynamic_ncols=True)
+        start = time.perf_counter()
+        for step, batch in enumerate(pipe.epoch(epoch)):
+            images = batch.images.contiguous(memory_format=self.memory_format)
+            teacher_out = self.teacher(batch, images) if self.teacher is not None else None
+            logits, losses = self.module(images, teacher_out, batch)
+            total = sum(losses.values())
+            self.optimizer.zero_grad(set_to_none=True)
+            acc.backward(total)
+            self.optimizer.step()
+            values = torch.stack([losses[n].detach().double() for n in names])
+            pending.append(values)
+            sums += values
+            correct += (logits.detach().argmax(1) == batch.labels).sum()
+            seen += len(batch)
+            self.state.global_step += 1
+            if len(pending) >= 20 or step + 1 == steps:
+                self._check_finite(pending, names, self.state.global_step - len(pending))
+                pending = []
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(loss=f"{float(sums.sum()) / (step + 1):.4f}", img_s=f"{seen * acc.num_processes / elapsed:.0f}")
+            bar.update(1)
+        bar.close()
+        elapsed = time.perf_counter() - start
+        sums = acc.reduce(sums, reduction="mean")
+        correct = acc.reduce(correct, reduction="sum")
+        record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "epoch_time_s": elapsed,
+                                  "images_per_s": seen * acc.num_processes / elapsed,
+                                  "train_top1": 100.0 * float(correct) / (seen * acc.num_processes)}
+        record["loss"] = float(sums.sum()) / steps
+        for name, value in zip(names, sums.tolist()):
+            record[f"loss_{name}"] = value / steps
+        return record
+
+    def _check_finite(self, pending: list[torch.Tensor], names: list[str], first_step: int) -> None:
+        values = torch.stack(pending).cpu()
+        bad = ~torch.isfinite(values)
+        if bad.any():
+            row, col = (int(i) for i in bad.nonzero()[0])
+            raise RunError(f"non-finite loss at step {first_step + row + 1}: term {names[col]!r} = {values[row, col].item()}")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        acc = self.accelerator
+        self._sync_buffers()
+        student = self.unwrapped.student
+        student.eval()
+        counts = torch.zeros(3, device=acc.device, dtype=torch.long)
+        for batch in self.data.eval.epoch(0):
+            with acc.autocast():
+                logits = student(batch.images.contiguous(memory_format=self.memory_format))
+            top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
+            hits = top5 == batch.labels[:, None]
+            counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(batch), device=acc.device)])
+        student.train()
+        counts = acc.reduce(counts, reduction="sum")
+        total = max(int(counts[2]), 1)
+        return {"top1": 100.0 * float(counts[0]) / total, "top5": 100.0 * float(counts[1]) / total}
+
+    # ------------------------------------------------------------------ outputs
+    def _write_metrics(self) -> None:
+        with atomic_path(self.run_dir / "metrics.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.state.history))
+
+    def _write_student(self) -> None:
+        cfg, fmt = self.cfg, self.data.fmt
+        evaluated = [r for r in self.state.history if "top1" in r]
+        sidecar = {
+            "arch": cfg.student.arch,
+            "num_classes": fmt.num_classes,
+            "in_channels": fmt.channels,
+            "image_size": fmt.image_size,
+            "normalization": {"mean": list(fmt.mean), "std": list(fmt.std)},
+            "dataset": {"format": fmt.name, "root": str(cfg.data.root)},
+            "method": {"name": cfg.method.name, "gamma": cfg.method.gamma, "alpha": cfg.method.alpha,
+                       "beta": cfg.method.beta, "options": cfg.method.options},
+            "teacher": self.teacher_meta,
+            "seed": cfg.seed,
+            "epochs_trained": self.state.epoch,
+            "top1_final": evaluated[-1]["top1"] if evaluated else None,
+            "top1_best": self.state.best_top1 if evaluated else None,
+            "best_epoch": self.state.best_epoch + 1 if evaluated else None,
+        }
+        write_model_checkpoint(self.run_dir, self.unwrapped.student, sidecar)
+
+    def summary(self) -> dict[str, Any]:
+        evaluated = [r for r in self.state.history if "top1" in r]
+        times = [r["epoch_time_s"] for r in self.state.history]
+        return {
+            "run_dir": str(self.run_dir),
+            "epochs": self.state.epoch,
+            "top1_last": evaluated[-1]["top1"] if evaluated else math.nan,
+            "top1_best": self.state.best_top1,
+            "best_epoch": self.state.best_epoch + 1,
+            "train_time_s": sum(times),
+            "images_per_s": sum(r["images_per_s"] for r in self.state.history) / max(len(self.state.history), 1),
+            "config": config_to_dict(self.cfg),
+        }

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One-shot set-up: a virtual environment in .venv with rrd-fast and everything its tests need.
+# On machines without an NVIDIA GPU, the CPU build of torch is installed first so that
+# no multi-GB CUDA build is pulled in by the `torch` requirement.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+        .venv/bin/python -m pip install -q torch
+    else
+        .venv/bin/python -m pip install -q "torch==2.13.0"
+    fi
+fi
+.venv/bin/python -m pip install -q -e ".[dev,onnx,dali]"
