@@ -1,17 +1,32 @@
 """Memories of teacher embeddings that relational losses compare against.
 
-The single-process FIFO queue lives here; sharded and replicated variants for several
-processes register under the same interface (`build_memory`), so the RRD term never
-knows how many processes share its queue.
+Every memory implements one interface (`Memory`): `loss(...)` returns the per-sample soft
+cross-entropy of this rank's samples and updates the memory in the order the method asks
+for. Memories are registered by (kind, sharding mode), so the RRD term never knows how
+many processes share its memory or how its rows are split:
+
+- kind `fifo`: a K×D queue of teacher keys (this file; sharded and replicated variants in
+  `memory_sharded.py`); kind `momentum`: CRD's N×D banks indexed by sample (`memory_momentum.py`).
+- sharding `local`: each process keeps its own memory, fed only its own samples (the
+  reference code's behaviour under DDP); `replicated`: every process holds the whole
+  memory and feeds it the gathered global batch; `sharded`: each process holds 1/W of the
+  rows and the loss is computed exactly over their union.
+
+Memories also declare their large buffers as `RowShard`s, so that resume state can be
+written per rank and re-split on load for another number of processes.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipelines.batch import Batch
+from rrd_fast.config import ConfigError
 
 
 def soft_target_cross_entropy(
@@ -26,20 +41,84 @@ def soft_target_cross_entropy(
         return -(p_t * F.log_softmax(logits_s, dim=1)).sum(dim=1)
 
 
-class FifoQueue(nn.Module):
+_ROW_BLOCK = 4096
+
+
+def unit_rows(seed: int, start: int, stop: int, dim: int, stream: int = 0) -> torch.Tensor:
+    """Rows [start, stop) of a fixed, conceptually unbounded matrix of random unit vectors.
+
+    Rows come in blocks of 4096, each drawn from its own generator, so any rank can build
+    exactly its slice of the initial memory without ever materialising the whole of it,
+    and a sharded memory starts out equal to the single-process one row for row.
+    """
+    if stop <= start:
+        return torch.empty(0, dim)
+    parts = []
+    for block in range(start // _ROW_BLOCK, (stop - 1) // _ROW_BLOCK + 1):
+        block_seed = ((seed * 1_000_003 + stream) * 1_000_033 + block) % (2**63 - 1)
+        rows = torch.randn(_ROW_BLOCK, dim, generator=torch.Generator().manual_seed(block_seed))
+        lo = max(start - block * _ROW_BLOCK, 0)
+        hi = min(stop - block * _ROW_BLOCK, _ROW_BLOCK)
+        parts.append(rows[lo:hi])
+    return F.normalize(torch.cat(parts), dim=1)
+
+
+@dataclass(frozen=True)
+class RowShard:
+    """Which rows of a `total`-row buffer this process holds, for saving and re-splitting.
+
+    `replicated`: every process holds the same rows (only rank 0 needs to write them);
+    `per_rank`: each process holds its own unrelated copy (memory_sharding=local), which can
+    only be restored onto the same number of processes.
+    """
+
+    start: int
+    stop: int
+    total: int
+    replicated: bool = False
+    per_rank: bool = False
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    """What a memory factory may need; fields a kind does not use are ignored."""
+
+    size: int  # K: queue rows (fifo) or negatives drawn per sample (momentum)
+    dim: int
+    seed: int
+    world_size: int = 1
+    num_samples: int = 0  # N: rows of a memory indexed by sample (momentum)
+    labels: Any = None  # N training labels, for class-aware negatives (momentum)
+    momentum: float = 0.5
+
+
+class Memory(nn.Module):
+    """Interface of every memory; see the module docstring."""
+
+    def loss(self, z_s: torch.Tensor, z_t: torch.Tensor, batch: Batch, tau_s: float, tau_t: float,
+             enqueue: str) -> torch.Tensor:
+        """Per-sample losses of this rank's samples; the memory is updated `enqueue` ("before"/"after") them."""
+        raise NotImplementedError
+
+    def row_shards(self) -> dict[str, RowShard]:
+        """Buffers (by attribute name) that resume state stores row by row; others go in the module state."""
+        return {}
+
+
+class FifoQueue(Memory):
     """K×D queue of unit-norm rows; `enqueue` overwrites the oldest rows, wrapping around.
 
     Any batch size works (the reference required K % B == 0). Rows start as random unit
-    vectors drawn from `seed`, so runs are reproducible from the first step.
+    vectors drawn from `seed`, so runs are reproducible from the first step. `per_rank`
+    marks a queue that is one of several unsynchronised per-process queues.
     """
 
-    def __init__(self, size: int, dim: int, seed: int = 0) -> None:
+    def __init__(self, size: int, dim: int, seed: int = 0, per_rank: bool = False) -> None:
         super().__init__()
         if size <= 0 or dim <= 0:
             raise ValueError(f"queue size and dim must be positive, got {size}×{dim}")
-        generator = torch.Generator().manual_seed(seed)
-        rows = F.normalize(torch.randn(size, dim, generator=generator), dim=1)
-        self.register_buffer("queue", rows)
+        self.per_rank = per_rank
+        self.register_buffer("queue", unit_rows(seed, 0, size, dim))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
 
     @property
@@ -48,39 +127,69 @@ class FifoQueue(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
-        keys = keys.detach().to(self.queue.dtype)
-        n, k = keys.shape[0], self.size
-        start = int(self.ptr)
-        if n > k:  # only the newest K keys survive; they land where a sequential write would put them
-            start = (start + n - k) % k
-            keys, n = keys[-k:], k
-        positions = (start + torch.arange(n, device=self.queue.device)) % k
+        positions, keys, next_ptr = fifo_positions(int(self.ptr), keys.detach().to(self.queue.dtype), self.size)
         # Out of place: a loss computed before this call may still hold the old rows for backward.
         self.queue = self.queue.index_copy(0, positions, keys)
-        self.ptr.fill_((start + n) % k)
+        self.ptr.fill_(next_ptr)
 
     def soft_cross_entropy(self, z_s: torch.Tensor, z_t: torch.Tensor, tau_s: float, tau_t: float) -> torch.Tensor:
         return soft_target_cross_entropy(z_s, z_t, self.queue, tau_s, tau_t)
 
+    def loss(self, z_s: torch.Tensor, z_t: torch.Tensor, batch: Batch, tau_s: float, tau_t: float,
+             enqueue: str) -> torch.Tensor:
+        if enqueue == "before":
+            self.enqueue(z_t)
+        out = self.soft_cross_entropy(z_s, z_t, tau_s, tau_t)
+        if enqueue == "after":
+            self.enqueue(z_t)
+        return out
 
-MemoryFactory = Callable[..., nn.Module]
-_MEMORIES: dict[str, MemoryFactory] = {}
+    def row_shards(self) -> dict[str, RowShard]:
+        return {"queue": RowShard(0, self.size, self.size, per_rank=self.per_rank)}
 
 
-def register_memory(sharding: str) -> Callable[[MemoryFactory], MemoryFactory]:
-    """Register `factory(size, dim, seed) -> memory` for a `distributed.memory_sharding` mode."""
+def fifo_positions(ptr: int, keys: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Queue rows that `keys` land in when written from `ptr` on, the keys that survive, the next `ptr`.
+
+    When more keys than rows arrive, only the newest `size` survive, at the rows a
+    sequential write would have left them in.
+    """
+    n, start = keys.shape[0], ptr
+    if n > size:
+        start = (start + n - size) % size
+        keys, n = keys[-size:], size
+    return (start + torch.arange(n, device=keys.device)) % size, keys, (start + n) % size
+
+
+MemoryFactory = Callable[[MemorySpec], Memory]
+_MEMORIES: dict[tuple[str, str], MemoryFactory] = {}
+
+
+def register_memory(kind: str, sharding: str) -> Callable[[MemoryFactory], MemoryFactory]:
+    """Register `factory(spec) -> Memory` for memory `kind` under a `distributed.memory_sharding` mode."""
 
     def wrap(factory: MemoryFactory) -> MemoryFactory:
-        _MEMORIES[sharding] = factory
+        if (kind, sharding) in _MEMORIES:
+            raise ValueError(f"memory {kind!r}/{sharding!r} registered twice")
+        _MEMORIES[(kind, sharding)] = factory
         return factory
 
     return wrap
 
 
-def build_memory(sharding: str, size: int, dim: int, seed: int) -> nn.Module:
-    if sharding not in _MEMORIES:
-        raise ValueError(f"distributed.memory_sharding: unknown mode {sharding!r} (known: {', '.join(sorted(_MEMORIES))})")
-    return _MEMORIES[sharding](size=size, dim=dim, seed=seed)
+def build_memory(kind: str, sharding: str, spec: MemorySpec) -> Memory:
+    kinds = sorted({k for k, _ in _MEMORIES})
+    if kind not in kinds:
+        raise ConfigError(f"method.options.rrd.memory: unknown memory {kind!r} (known: {', '.join(kinds)})")
+    modes = sorted(s for k, s in _MEMORIES if k == kind)
+    if sharding not in modes:
+        raise ConfigError(f"distributed.memory_sharding: unknown mode {sharding!r} for memory {kind!r} (known: {', '.join(modes)})")
+    return _MEMORIES[(kind, sharding)](spec)
 
 
-register_memory("local")(FifoQueue)
+@register_memory("fifo", "local")
+def _local_fifo(spec: MemorySpec) -> Memory:
+    return FifoQueue(spec.size, spec.dim, spec.seed, per_rank=spec.world_size > 1)
+
+
+from rrd_fast import memory_momentum, memory_sharded  # noqa: E402,F401  (registration)

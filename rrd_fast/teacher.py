@@ -38,6 +38,8 @@ def load_teacher(
             raise CheckpointError(f"{path}: checkpoint holds {meta['arch']}, but teacher.arch is {arch}")
         if int(meta["num_classes"]) != num_classes:
             raise CheckpointError(f"{path}: teacher has {meta['num_classes']} classes, the dataset has {num_classes}")
+        if int(meta["in_channels"]) != in_channels:
+            raise CheckpointError(f"{path}: teacher conv1.weight takes {meta['in_channels']} input channels, the dataset has {in_channels}")
         sha = meta["sha256"]
         arch = meta["arch"]
     else:

@@ -2,6 +2,9 @@
 
     accelerate launch rrd_fast/train.py --config configs/cifar100/resnet32x4_resnet8x4_rrd_kd.yaml [key=value ...]
     python rrd_fast/train.py --resume runs/NAME
+
+On Linux with glibc the process first restarts itself once with GLIBC_TUNABLES set
+(rrd_fast/malloc_tuning.py); set RRD_FAST_NO_MALLOC_TUNING=1 to skip that.
 """
 
 from __future__ import annotations
@@ -13,6 +16,11 @@ if __package__ in (None, ""):  # run as a script: import the package, not siblin
     _root = Path(__file__).resolve().parent.parent
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _root / "rrd_fast"]
     sys.path.insert(0, str(_root))
+
+if __name__ == "__main__":  # before torch loads: glibc reads its malloc tunables only at process start
+    from rrd_fast.malloc_tuning import reexec_with_malloc_tuning
+
+    reexec_with_malloc_tuning()  # opt out with RRD_FAST_NO_MALLOC_TUNING=1
 
 import argparse  # noqa: E402
 

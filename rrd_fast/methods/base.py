@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -36,12 +36,14 @@ class NetInfo:
 
 @dataclass(frozen=True)
 class TermContext:
-    """Run-level facts a term may need: dataset size (for index memories) and the seed."""
+    """Run-level facts a term may need: dataset size and labels (for index memories), the seed,
+    and how many processes share the run and how memories are split across them."""
 
     num_train_samples: int
     seed: int
     world_size: int = 1
     memory_sharding: str = "local"
+    train_labels: Any = field(default=None, compare=False)  # N training labels (numpy), for class-aware sampling
 
 
 class LossTerm(nn.Module):

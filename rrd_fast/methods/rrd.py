@@ -4,7 +4,10 @@ The student's embedding is trained to reproduce, over a queue of past teacher
 embeddings, the teacher's sharpened similarity distribution:
   L = mean_i -sum_k softmax(z_t Q^T / tau_t)[i,k] log softmax(z_s Q^T / tau_s)[i,k].
 Two versions of the authors' code differ in temperatures and enqueue order; both are
-presets (`paper`, the default, matches the published CIFAR-100 numbers).
+presets (`paper`, the default, matches the published CIFAR-100 numbers). The memory is a
+FIFO queue of K teacher keys (`memory: fifo`) or CRD's momentum banks with K class-aware
+negatives per sample (`memory: momentum`); how it is split across processes is
+`distributed.memory_sharding`, which this term never needs to know.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.batch import Batch
-from rrd_fast.memory import build_memory
-from rrd_fast.methods.base import LossTerm, MethodSpec, NetInfo, TermContext, register_method, register_term
+from rrd_fast.config import ConfigError
+from rrd_fast.memory import MemorySpec, build_memory
+from rrd_fast.methods.base import LossTerm, MethodError, MethodSpec, NetInfo, TermContext, register_method, register_term
 from rrd_fast.models import ModelOutput
 
 PRESETS: dict[str, dict[str, object]] = {
@@ -35,8 +39,10 @@ class RRDOptions:
     tau_s: float | None = None  # None: take the preset's value
     tau_t: float | None = None
     enqueue: Literal["before", "after"] | None = None
-    queue_size: int = 16384
+    queue_size: int = 16384  # K: queue rows (fifo) or negatives per sample (momentum)
     feat_dim: int = 128
+    memory: Literal["fifo", "momentum"] = "fifo"
+    momentum: float = 0.5  # momentum memory: rows become normalize(m*row + (1-m)*z); CRD's 0.5
 
     def resolved(self) -> tuple[float, float, str]:
         preset = PRESETS[self.preset]
@@ -48,7 +54,10 @@ class RRDOptions:
 
 @register_term
 class RRD(LossTerm):
-    """Exposes `embed_s`, `embed_t` (nn.Linear) and `memory.queue` (K×D buffer).
+    """Exposes `embed_s`, `embed_t` (nn.Linear) and `memory` (`queue`: this rank's rows of a FIFO queue).
+
+    With the momentum memory the banks are always updated after the loss, as in the
+    reference; `enqueue` only orders the FIFO queue.
 
     `embed_t` is a fixed random projection: the target distribution is detached, so it
     never receives a gradient in the reference either, and it is left out of training.
@@ -65,7 +74,15 @@ class RRD(LossTerm):
         self.embed_s = nn.Linear(student.pooled_dim, options.feat_dim)
         self.embed_t = nn.Linear(teacher.pooled_dim, options.feat_dim)
         self.embed_t.requires_grad_(False)
-        self.memory = build_memory(context.memory_sharding, options.queue_size, options.feat_dim, context.seed)
+        spec = MemorySpec(size=options.queue_size, dim=options.feat_dim, seed=context.seed, world_size=context.world_size,
+                          num_samples=context.num_train_samples, labels=context.train_labels, momentum=options.momentum)
+        try:
+            self.memory = build_memory(options.memory, context.memory_sharding, spec)
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise MethodError(f"method.options.rrd: {exc}") from None
+        self.needs_index = options.memory == "momentum"  # the momentum banks are indexed by Batch.index
 
     @property
     def queue(self) -> torch.Tensor:
@@ -81,12 +98,9 @@ class RRD(LossTerm):
         assert teacher is not None
         with torch.autocast(device_type=student.pooled.device.type, enabled=False):
             z_s, z_t = self.embed(student.pooled, teacher.pooled)
-            if self.enqueue_when == "before":
-                self.memory.enqueue(z_t)
-            loss = self.memory.soft_cross_entropy(z_s, z_t, self.tau_s, self.tau_t).mean()
-            if self.enqueue_when == "after":
-                self.memory.enqueue(z_t)
-        return loss
+            # Per-sample losses of this rank's samples; their mean, averaged over ranks by DDP, is the
+            # global-batch loss (and gradient) whatever the memory's sharding.
+            return self.memory.loss(z_s, z_t, batch, self.tau_s, self.tau_t, self.enqueue_when).mean()
 
 
 register_method(MethodSpec("rrd", term="rrd", uses_teacher=True, default_weights=(1.0, 0.0, 1.0)))

@@ -1,0 +1,501 @@
+"""Training-speed benchmark: where a distillation step's time goes, side by side in one run.
+
+    python -m rrd_fast.bench train [--quick] [--models resnet32x4:resnet8x4 resnet56:resnet20]
+                                   [--batch-sizes 64 256] [--precisions fp32 bf16] [--out bench.json]
+
+For every teacher:student pair, batch size and precision (fp32, or bf16 autocast), all
+in channels_last as the trainer runs by default:
+  (a) the student alone, forward + backward + SGD step with CE, on batches already in
+      memory: the limit a distillation step can approach;
+  (b) the full distillation step: a batch from the torch pipeline, the online teacher
+      under no_grad, `DistillModule` with the RRD+KD `Objective` (gamma=alpha=beta=1),
+      backward and SGD step;
+and for every batch size, on 50k CIFAR-sized images with pad-4 crop + flip + normalise:
+  (c) the torch `ArrayPipeline` alone;
+  (d) a per-sample Python `DataLoader` doing the same augmentation image by image with
+      Pillow, as RepDistiller's torchvision transforms do.
+All variants are built once and timed in interleaved rounds (the machine may be shared);
+figures are medians over rounds. Ratios: b/a, c/d, and the pipeline's share of the step,
+(c time per batch) / (b time per batch).
+
+The glibc malloc lever (rrd_fast/malloc_tuning.py) is measured in fresh processes that
+alternate with and without GLIBC_TUNABLES; the main measurement runs with it, as training does.
+Models get random weights: timing does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from rrd_fast.malloc_tuning import OPT_OUT_VAR, TUNABLES, TUNABLES_VAR, reexec_with_malloc_tuning
+
+if __name__ == "__main__" and sys.argv[1:2] == ["train"]:
+    reexec_with_malloc_tuning()  # before torch loads: measure under the allocator settings training uses
+
+import numpy as np  # noqa: E402
+
+from rrd_fast.cli import RunError, run_cli  # noqa: E402
+
+PRECISIONS = ("fp32", "bf16")
+DEFAULT_PAIRS = ("resnet32x4:resnet8x4", "resnet56:resnet20")
+CIFAR_MEAN = (0.5071, 0.4867, 0.4408)
+CIFAR_STD = (0.2675, 0.2565, 0.2761)
+NUM_CLASSES = 100
+TARGET_PIPELINE_IPS = 150_000
+TARGET_PIPELINE_VS_BASELINE = 30.0
+TARGET_PIPELINE_SHARE = 0.03
+
+
+@dataclass(frozen=True)
+class Effort:
+    """How long each measurement runs; `--quick` trades precision for minutes."""
+
+    rounds: int
+    warmup_steps: int
+    steps: int  # training steps per timed window
+    pipeline_batches: int  # (c) batches per window
+    loader_batches: int  # (d) batches per window
+    malloc_repeats: int  # process pairs (without, with) in the malloc comparison
+    malloc_rounds: int
+
+
+FULL = Effort(rounds=7, warmup_steps=2, steps=3, pipeline_batches=60, loader_batches=12, malloc_repeats=3, malloc_rounds=3)
+QUICK = Effort(rounds=3, warmup_steps=1, steps=1, pipeline_batches=20, loader_batches=4, malloc_repeats=2, malloc_rounds=2)
+
+
+# ---------------------------------------------------------------------------------------
+# variants: each owns its state, `run(steps)` does the work, `images` per step
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class Variant:
+    key: dict[str, Any]
+    images: int
+    run: Callable[[int], None]
+    samples: list[float] = field(default_factory=list)  # img/s per timed window
+
+    def time_window(self, steps: int) -> None:
+        start = time.perf_counter()
+        self.run(steps)
+        self.samples.append(steps * self.images / (time.perf_counter() - start))
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples) if self.samples else float("nan")
+
+
+def autocast_for(precision: str) -> contextlib.AbstractContextManager:
+    import torch
+
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def cifar_like(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-100-shaped uint8 images and labels (random pixels: speed does not depend on them)."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8), rng.integers(0, NUM_CLASSES, size=n)
+
+
+def endless_batches(pipe: Any, sampler: Any) -> Iterator[Any]:
+    """`pipe.epoch` for another batch size: the same storage, indices from `sampler`."""
+    for epoch in itertools.count():
+        for index in sampler.batches(epoch):
+            yield pipe.batch_for(index, epoch)
+
+
+def student_step(arch: str, batch: int, precision: str, pipe: Any, sampler: Any) -> Callable[[int], None]:
+    """(a): the student alone with CE on a few batches generated once and kept in memory."""
+    import torch
+    import torch.nn.functional as F
+
+    from rrd_fast.models import create_model
+
+    model = create_model(arch, num_classes=NUM_CLASSES, in_channels=3).to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    source = endless_batches(pipe, sampler)
+    held = [next(source) for _ in range(2)]
+    batches = [(b.images.contiguous(memory_format=torch.channels_last), b.labels) for b in held]
+    state = {"i": 0}
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            images, labels = batches[state["i"] % len(batches)]
+            state["i"] += 1
+            with autocast_for(precision):
+                logits = model(images)
+            loss = F.cross_entropy(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    return run
+
+
+def distill_step(teacher_arch: str, student_arch: str, batch: int, precision: str, pipe: Any, sampler: Any,
+                 num_train: int) -> Callable[[int], None]:
+    """(b): pipeline batch -> online teacher -> DistillModule with RRD+KD -> backward -> SGD step."""
+    import torch
+
+    from rrd_fast.config import MethodConfig
+    from rrd_fast.methods import Objective, TermContext
+    from rrd_fast.models import create_model
+    from rrd_fast.trainer import DistillModule, net_info
+
+    cl = torch.channels_last
+    teacher = create_model(teacher_arch, num_classes=NUM_CLASSES, in_channels=3).to(memory_format=cl)
+    teacher.eval().requires_grad_(False)
+    student = create_model(student_arch, num_classes=NUM_CLASSES, in_channels=3)
+    method = MethodConfig(name="rrd", gamma=1.0, alpha=1.0, beta=1.0)
+    objective = Objective(method, net_info(student, student_arch, NUM_CLASSES), net_info(teacher, teacher_arch, NUM_CLASSES),
+                          TermContext(num_train, seed=0))
+    module = DistillModule(student.to(memory_format=cl), objective).train()
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    source = endless_batches(pipe, sampler)
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            batch_ = next(source)
+            images = batch_.images.contiguous(memory_format=cl)
+            with torch.no_grad(), autocast_for(precision):
+                teacher_out = teacher(images, features=True)
+            with autocast_for(precision):
+                _, losses = module(images, teacher_out, batch_)
+            total = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+
+    return run
+
+
+def pipeline_batches(pipe: Any, sampler: Any) -> Callable[[int], None]:
+    """(c): the torch pipeline alone."""
+    source = endless_batches(pipe, sampler)
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            next(source)
+
+    return run
+
+
+class PerSampleCifar:
+    """(d)'s dataset: RepDistiller's torchvision recipe, one PIL image at a time.
+
+    RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize, with torch's
+    RNG drawn per sample, as torchvision does (torchvision itself is not installed here).
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, pad: int = 4) -> None:
+        self.images, self.labels, self.pad = images, labels, pad
+        self.mean = None
+        self.std = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        import torch
+        from PIL import Image, ImageOps
+
+        if self.mean is None:
+            self.mean = torch.tensor(CIFAR_MEAN).view(3, 1, 1)
+            self.std = torch.tensor(CIFAR_STD).view(3, 1, 1)
+        img = Image.fromarray(self.images[i])
+        h, w = img.height, img.width
+        img = ImageOps.expand(img, border=self.pad, fill=0)
+        top = int(torch.randint(0, 2 * self.pad + 1, (1,)))
+        left = int(torch.randint(0, 2 * self.pad + 1, (1,)))
+        img = img.crop((left, top, left + w, top + h))
+        if float(torch.rand(1)) < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        x = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+        x = x.float().div(255).sub_(self.mean).div_(self.std)
+        return x, int(self.labels[i])
+
+
+def loader_batches(images: np.ndarray, labels: np.ndarray, batch: int, workers: int) -> Callable[[int], None]:
+    """(d): a per-sample DataLoader; each window starts a fresh pass so no prefetched batch is counted free."""
+    import torch
+
+    loader = torch.utils.data.DataLoader(PerSampleCifar(images, labels), batch_size=batch, shuffle=True, drop_last=True,
+                                         num_workers=workers, persistent_workers=workers > 0)
+
+    def run(steps: int) -> None:
+        # (The fresh iterator is created inside the window: its start-up is part of the cost.)
+        it = iter(loader)
+        for _ in range(steps):
+            next(it)
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------
+# measurement
+# ---------------------------------------------------------------------------------------
+
+def interleave(variants: Sequence[Variant], rounds: int, steps_of: Callable[[Variant], int], log: Callable[[str], None]) -> None:
+    """Every round times every variant once; odd rounds run them in reverse to cancel drift."""
+    for r in range(rounds):
+        order = variants if r % 2 == 0 else list(reversed(variants))
+        for v in order:
+            v.time_window(steps_of(v))
+        log(f"round {r + 1}/{rounds} done")
+
+
+def parse_pairs(specs: Sequence[str]) -> list[tuple[str, str]]:
+    from rrd_fast.models import create_model
+
+    pairs = []
+    for spec in specs:
+        teacher, sep, student = spec.partition(":")
+        if not sep or not teacher or not student:
+            raise RunError(f"--models: {spec!r} is not TEACHER:STUDENT (e.g. resnet32x4:resnet8x4)")
+        for name in (teacher, student):
+            create_model(name, num_classes=NUM_CLASSES)  # unknown names fail here, with suggestions
+        pairs.append((teacher, student))
+    return pairs
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "processor": platform.processor() or platform.machine(),
+        "glibc_tunables": os.environ.get(TUNABLES_VAR, ""),
+        "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def run_malloc_comparison(student: str, batch: int, effort: Effort, log: Callable[[str], None]) -> dict[str, Any]:
+    """Fresh processes, alternating without/with the tunables (glibc reads them only at start)."""
+    base = {k: v for k, v in os.environ.items() if k != TUNABLES_VAR}
+    envs = {"without": {**base, OPT_OUT_VAR: "1"}, "with": {**base, TUNABLES_VAR: TUNABLES}}
+    results: dict[str, list[float]] = {"without": [], "with": []}
+    cmd = [sys.executable, "-m", "rrd_fast.bench", "malloc-probe", "--student", student, "--batch-size", str(batch),
+           "--rounds", str(effort.malloc_rounds), "--steps", str(effort.steps), "--warmup", str(effort.warmup_steps)]
+    for rep in range(effort.malloc_repeats):
+        for mode in (("without", "with") if rep % 2 == 0 else ("with", "without")):
+            proc = subprocess.run(cmd, env=envs[mode], capture_output=True, text=True, timeout=1800)
+            if proc.returncode != 0:
+                raise RunError(f"malloc probe ({mode} tunables) failed: {proc.stderr.strip().splitlines()[-1:]}")
+            results[mode].append(float(json.loads(proc.stdout.strip().splitlines()[-1])["images_per_s"]))
+            log(f"malloc probe {mode} tunables: {results[mode][-1]:.1f} img/s")
+    without, with_ = statistics.median(results["without"]), statistics.median(results["with"])
+    return {"student": student, "batch_size": batch, "precision": "fp32", "measure": "student step (a)",
+            "without_img_s": without, "with_img_s": with_, "speedup": with_ / without,
+            "samples": results, "tunables": TUNABLES}
+
+
+def measure(pairs: list[tuple[str, str]], batch_sizes: list[int], precisions: list[str], effort: Effort,
+            n_images: int, loader_workers: int, log: Callable[[str], None]) -> dict[str, Any]:
+    import torch
+
+    from pipelines.augment import CropFlipSpec
+    from pipelines.sampler import EpochSampler
+    from pipelines.torch_pipeline import ArrayPipeline
+
+    images, labels = cifar_like(n_images)
+    samplers = {b: EpochSampler(n_images, b, seed=0) for b in batch_sizes}
+    pipe = ArrayPipeline(images, labels, samplers[batch_sizes[0]], CIFAR_MEAN, CIFAR_STD, CropFlipSpec(pad=4, flip=True))
+
+    torch.manual_seed(0)
+    train: list[Variant] = []
+    for (teacher, student), b, prec in itertools.product(pairs, batch_sizes, precisions):
+        key = {"teacher": teacher, "student": student, "batch_size": b, "precision": prec}
+        train.append(Variant({**key, "kind": "a"}, b, student_step(student, b, prec, pipe, samplers[b])))
+        train.append(Variant({**key, "kind": "b"}, b, distill_step(teacher, student, b, prec, pipe, samplers[b], n_images)))
+    data = [Variant({"batch_size": b, "kind": "c"}, b, pipeline_batches(pipe, samplers[b])) for b in batch_sizes]
+    data += [Variant({"batch_size": b, "kind": "d"}, b, loader_batches(images, labels, b, loader_workers)) for b in batch_sizes]
+
+    log(f"warm-up: {len(train)} training variants, {len(data)} data variants")
+    for v in train:
+        v.run(effort.warmup_steps)
+    for v in data:
+        v.run(2)
+    windows = {"a": effort.steps, "b": effort.steps, "c": effort.pipeline_batches, "d": effort.loader_batches}
+    # Data variants sit between training variants, so all see the same background load.
+    interleave(train + data, effort.rounds, lambda v: windows[v.key["kind"]], log)
+
+    rows = []
+    by_key = {tuple(sorted(v.key.items())): v for v in train + data}
+
+    def get(kind: str, **key: Any) -> Variant:
+        return by_key[tuple(sorted({**key, "kind": kind}.items()))]
+
+    for (teacher, student), b, prec in itertools.product(pairs, batch_sizes, precisions):
+        key = {"teacher": teacher, "student": student, "batch_size": b, "precision": prec}
+        a, bb, c = get("a", **key), get("b", **key), get("c", batch_size=b)
+        rows.append({**key, "a_img_s": a.median, "b_img_s": bb.median, "b_over_a": bb.median / a.median,
+                     "pipeline_share": bb.median / c.median, "a_samples": a.samples, "b_samples": bb.samples})
+    pipeline = []
+    for b in batch_sizes:
+        c, d = get("c", batch_size=b), get("d", batch_size=b)
+        pipeline.append({"batch_size": b, "c_img_s": c.median, "d_img_s": d.median, "c_over_d": c.median / d.median,
+                         "c_samples": c.samples, "d_samples": d.samples})
+    return {"train": rows, "pipeline": pipeline}
+
+
+# ---------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------
+
+def format_report(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [f"torch {m['torch']}, {m['torch_threads']} threads on {m['cpu_count']} CPUs, "
+             f"GLIBC_TUNABLES {'set' if m['glibc_tunables'] else 'unset'}, "
+             f"load average {m['load_average_start'][0]:.1f} -> {m['load_average_end'][0]:.1f}"
+             if m.get("load_average_start") else f"torch {m['torch']}, {m['torch_threads']} threads"]
+    lines.append("medians over interleaved rounds, img/s; all channels_last")
+    lines.append("")
+    head = f"{'teacher -> student':26s} {'batch':>5s} {'prec':>5s} {'(a) student':>12s} {'(b) distill':>12s} {'b/a':>6s} {'pipe share':>10s}"
+    lines += [head, "-" * len(head)]
+    for r in result["train"]:
+        lines.append(f"{r['teacher'] + ' -> ' + r['student']:26s} {r['batch_size']:5d} {r['precision']:>5s} "
+                     f"{r['a_img_s']:12.1f} {r['b_img_s']:12.1f} {r['b_over_a']:6.2f} {100 * r['pipeline_share']:9.3f}%")
+    lines.append("")
+    head = f"{'data (50k 32x32, crop+flip+norm)':32s} {'batch':>5s} {'(c) torch':>11s} {'(d) per-sample':>15s} {'c/d':>7s}"
+    lines += [head, "-" * len(head)]
+    for p in result["pipeline"]:
+        lines.append(f"{'':32s} {p['batch_size']:5d} {p['c_img_s']:11.0f} {p['d_img_s']:15.0f} {p['c_over_d']:7.1f}")
+    lines.append(f"(d): {result['config']['loader_workers']} DataLoader worker processes")
+    mc = result.get("malloc")
+    if mc:
+        lines.append("")
+        lines.append(f"glibc malloc tunables, {mc['student']} student step, batch {mc['batch_size']}, fp32, fresh processes: "
+                     f"without {mc['without_img_s']:.1f} img/s, with {mc['with_img_s']:.1f} img/s ({mc['speedup']:.2f}x)")
+    t = result["targets"]
+    lines.append("")
+    lines.append(f"targets: (c) >= {t['pipeline_img_s']:,} img/s: {'met' if t['pipeline_img_s_met'] else 'NOT met'}; "
+                 f"c/d >= {t['c_over_d']:.0f}: {'met' if t['c_over_d_met'] else 'NOT met'}; "
+                 f"pipeline share < {100 * t['share']:.0f}%: {'met' if t['share_met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def targets(result: dict[str, Any]) -> dict[str, Any]:
+    pipe, train = result["pipeline"], result["train"]
+    return {
+        "pipeline_img_s": TARGET_PIPELINE_IPS,
+        "pipeline_img_s_met": all(p["c_img_s"] >= TARGET_PIPELINE_IPS for p in pipe),
+        "c_over_d": TARGET_PIPELINE_VS_BASELINE,
+        "c_over_d_met": all(p["c_over_d"] >= TARGET_PIPELINE_VS_BASELINE for p in pipe),
+        "share": TARGET_PIPELINE_SHARE,
+        "share_met": all(r["pipeline_share"] < TARGET_PIPELINE_SHARE for r in train),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# entry points
+# ---------------------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from rrd_fast.atomic import write_json_atomic
+
+    for prec in args.precisions:
+        if prec not in PRECISIONS:
+            raise RunError(f"--precisions: {prec!r} is not one of {', '.join(PRECISIONS)}")
+    if any(b <= 0 for b in args.batch_sizes):
+        raise RunError(f"--batch-sizes: batch sizes must be positive, got {args.batch_sizes}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pairs = parse_pairs(args.models)
+    effort = QUICK if args.quick else FULL
+    n_images = args.images
+    if n_images < max(args.batch_sizes):
+        raise RunError(f"--images: {n_images} images is fewer than one batch of {max(args.batch_sizes)}")
+
+    def log(msg: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    started = time.time()
+    result: dict[str, Any] = {
+        "benchmark": "rrd_fast.bench train",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "config": {"pairs": [f"{t}:{s}" for t, s in pairs], "batch_sizes": args.batch_sizes, "precisions": args.precisions,
+                   "quick": args.quick, "effort": effort.__dict__, "images": n_images, "loader_workers": args.loader_workers,
+                   "channels_last": True, "method": "rrd gamma=1 alpha=1 beta=1 (RRD+KD), paper preset, queue 16384"},
+    }
+    result.update(measure(pairs, args.batch_sizes, args.precisions, effort, n_images, args.loader_workers, log))
+    if not args.no_malloc:
+        result["malloc"] = run_malloc_comparison(pairs[0][1], max(args.batch_sizes), effort, log)
+    result["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    result["wall_s"] = time.time() - started
+    result["targets"] = targets(result)
+    print(format_report(result))
+    if args.out:
+        write_json_atomic(args.out, result)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_malloc_probe(args: argparse.Namespace) -> int:
+    """One fresh process: median img/s of the student step, under whatever malloc settings it started with."""
+    from pipelines.augment import CropFlipSpec
+    from pipelines.sampler import EpochSampler
+    from pipelines.torch_pipeline import ArrayPipeline
+
+    images, labels = cifar_like(max(4 * args.batch_size, 1024))
+    sampler = EpochSampler(len(images), args.batch_size, seed=0)
+    pipe = ArrayPipeline(images, labels, sampler, CIFAR_MEAN, CIFAR_STD, CropFlipSpec())
+    v = Variant({}, args.batch_size, student_step(args.student, args.batch_size, "fp32", pipe, sampler))
+    v.run(args.warmup)
+    for _ in range(args.rounds):
+        v.time_window(args.steps)
+    print(json.dumps({"images_per_s": v.median, "samples": v.samples, "glibc_tunables": os.environ.get(TUNABLES_VAR, "")}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m rrd_fast.bench", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="student limit, full distillation step, torch pipeline, per-sample baseline")
+    train.add_argument("--quick", action="store_true", help="fewer, shorter rounds (minutes, noisier)")
+    train.add_argument("--models", nargs="+", default=list(DEFAULT_PAIRS), metavar="TEACHER:STUDENT")
+    train.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 256])
+    train.add_argument("--precisions", nargs="+", default=list(PRECISIONS), help="fp32 and/or bf16 (CPU autocast)")
+    train.add_argument("--images", type=int, default=50_000, help="images in the in-memory split (CIFAR: 50000)")
+    train.add_argument("--loader-workers", type=int, default=2, help="worker processes of the per-sample baseline (d)")
+    train.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    train.add_argument("--no-malloc", action="store_true", help="skip the with/without GLIBC_TUNABLES comparison")
+    train.add_argument("--out", type=Path, help="write all figures and samples as JSON here")
+    probe = sub.add_parser("malloc-probe", help="(internal) one process's student-step speed")
+    probe.add_argument("--student", default="resnet8x4")
+    probe.add_argument("--batch-size", type=int, default=256)
+    probe.add_argument("--rounds", type=int, default=3)
+    probe.add_argument("--steps", type=int, default=2)
+    probe.add_argument("--warmup", type=int, default=1)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        return cmd_train(args)
+    return cmd_malloc_probe(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

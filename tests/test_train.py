@@ -1,0 +1,176 @@
+"""End-to-end training: the run directory, exact resume, bad input, and the accelerate launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pipelines.synthetic import write_fashion_mnist
+from rrd_fast.checkpoint import read_model_checkpoint, sha256_file, write_model_checkpoint
+from rrd_fast.cli import run_cli
+from rrd_fast.config import load_config
+from rrd_fast.models import create_model
+from rrd_fast.train import main as train_main
+from rrd_fast.trainer import Trainer
+
+REPO = Path(__file__).resolve().parent.parent
+FMNIST_SIDECAR = {"arch": "resnet8", "num_classes": 10, "in_channels": 1, "image_size": 28,
+                  "normalization": {"mean": [0.2860], "std": [0.3530]}}
+
+
+@pytest.fixture(scope="module")
+def fmnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_fashion_mnist(tmp_path_factory.mktemp("fmnist"), n_train=256, n_test=64, gz=True, seed=0)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(7)
+    out = tmp_path_factory.mktemp("teacher")
+    write_model_checkpoint(out, create_model("resnet8", num_classes=10, in_channels=1), FMNIST_SIDECAR)
+    return out
+
+
+def base_args(data: Path, out: Path, name: str) -> list[str]:
+    return [f"name={name}", f"output_dir={out}", "data.format=fashion_mnist", f"data.root={data}",
+            "data.batch_size=32", "data.eval_batch_size=64", "student.arch=resnet8", "train.progress=false"]
+
+
+def rrd_kd_args(teacher: Path) -> list[str]:
+    return [f"teacher.checkpoint={teacher}", "method.name=rrd", "method.alpha=1.0", "method.beta=1.0",
+            "method.options={rrd: {queue_size: 100}}"]
+
+
+def test_accelerate_launch_trains_and_writes_the_run_directory(fmnist: Path, teacher_dir: Path, tmp_path: Path) -> None:
+    args = base_args(fmnist, tmp_path, "rrdkd") + rrd_kd_args(teacher_dir) + ["optim.epochs=2"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "2"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+           str(REPO / "rrd_fast" / "train.py"), *args]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "last-epoch top-1" in proc.stdout and "best top-1" in proc.stdout
+    run = tmp_path / "rrdkd"
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["method"]["name"] == "rrd" and resolved["method"]["alpha"] == 1.0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for key in ("loss_ce", "loss_kd", "loss_rrd", "top1", "top5", "lr", "images_per_s", "epoch_time_s", "train_top1"):
+        assert key in records[-1], key
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["arch"] == "resnet8" and meta["num_classes"] == 10 and meta["method"]["name"] == "rrd"
+    assert meta["normalization"] == {"mean": [0.2860], "std": [0.3530]}
+    assert meta["teacher"]["sha256"] == json.loads((teacher_dir / "model.json").read_text())["sha256"]
+    assert meta["sha256"] == sha256_file(run / "model.safetensors")
+    assert meta["top1_final"] == records[-1]["top1"]
+    assert meta["top1_best"] == max(r["top1"] for r in records)
+    assert (run / "resume" / "state.pt").is_file()
+    model, _ = read_model_checkpoint(run)
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model.safetensors"))
+
+
+def test_resume_continues_bit_identically(fmnist: Path, teacher_dir: Path, tmp_path: Path) -> None:
+    common = rrd_kd_args(teacher_dir) + ["optim.milestones=[1]"]  # the LR decay falls in the resumed epoch
+    full = Trainer(load_config(None, base_args(fmnist, tmp_path, "full") + common + ["optim.epochs=2"]))
+    full.fit()
+    first = Trainer(load_config(None, base_args(fmnist, tmp_path, "split") + common + ["optim.epochs=1"]))
+    first.fit()
+    resumed = Trainer(load_config(tmp_path / "split" / "config.yaml", ["optim.epochs=2"]), resume=True)
+    assert resumed.state.epoch == 1
+    resumed.fit()
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "split")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    queue_full = full.unwrapped.objective.terms["rrd"].queue
+    queue_resumed = resumed.unwrapped.objective.terms["rrd"].queue
+    assert torch.equal(queue_full, queue_resumed)
+    history = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in history] == [1, 2]
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = run_cli(lambda: train_main(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def _assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: ")
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_missing_dataset_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _cli(base_args(tmp_path / "nowhere", tmp_path, "r"), capsys)
+    _assert_one_line_error(code, err, str(tmp_path / "nowhere"))
+    assert not (tmp_path / "r").exists()
+
+
+def test_corrupt_dataset_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = write_fashion_mnist(tmp_path / "data", n_train=64, n_test=16, gz=False)
+    images = next(root.rglob("train-images-idx3-ubyte"))
+    images.write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 20)  # valid magic, counts that do not fit the size
+    code, err = _cli(base_args(root, tmp_path, "r"), capsys)
+    _assert_one_line_error(code, err, "train-images-idx3-ubyte")
+    assert not (tmp_path / "r" / "model.safetensors").exists()
+
+
+def test_unknown_config_key_suggests_closest(fmnist: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _cli(base_args(fmnist, tmp_path, "r") + ["optim.learning_rate=0.1"], capsys)
+    _assert_one_line_error(code, err, "optim.learning_rate")
+    code, err = _cli(base_args(fmnist, tmp_path, "r") + ["optim.epoch=3"], capsys)
+    _assert_one_line_error(code, err, "did you mean 'optim.epochs'")
+
+
+def test_teacher_checkpoint_for_another_architecture(fmnist: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pth = tmp_path / "ckpt_epoch_240.pth"
+    torch.save({"model": create_model("resnet20", num_classes=10, in_channels=1).state_dict()}, pth)
+    args = base_args(fmnist, tmp_path, "r") + ["method.name=kd", "method.gamma=0.1", "method.alpha=0.9",
+                                               f"teacher.checkpoint={pth}", "teacher.arch=resnet8"]
+    code, err = _cli(args, capsys)
+    _assert_one_line_error(code, err, str(pth), "resnet8")
+    assert not (tmp_path / "r").exists()
+
+
+def test_teacher_with_another_class_count(fmnist: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    wrong = tmp_path / "t100"
+    write_model_checkpoint(wrong, create_model("resnet8", num_classes=100, in_channels=1), {**FMNIST_SIDECAR, "num_classes": 100})
+    args = base_args(fmnist, tmp_path, "r") + ["method.name=kd", "method.gamma=0.1", "method.alpha=0.9",
+                                               f"teacher.checkpoint={wrong}"]
+    code, err = _cli(args, capsys)
+    _assert_one_line_error(code, err, "100 classes")
+
+
+def test_teacher_for_other_input_channels(fmnist: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rgb = tmp_path / "rgb"
+    write_model_checkpoint(rgb, create_model("resnet8", num_classes=10, in_channels=3), {**FMNIST_SIDECAR, "in_channels": 3})
+    args = base_args(fmnist, tmp_path, "r") + rrd_kd_args(rgb)
+    code, err = _cli(args, capsys)
+    _assert_one_line_error(code, err, "conv1.weight")
+
+
+def test_non_finite_loss_names_step_and_term(fmnist: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = create_model("resnet8", num_classes=10, in_channels=1)
+    with torch.no_grad():
+        model.fc.weight.fill_(float("nan"))
+    bad = tmp_path / "nan_teacher"
+    write_model_checkpoint(bad, model, FMNIST_SIDECAR)
+    args = base_args(fmnist, tmp_path, "r") + ["method.name=kd", "method.gamma=0.1", "method.alpha=0.9",
+                                               f"teacher.checkpoint={bad}"]
+    code, err = _cli(args, capsys)
+    _assert_one_line_error(code, err, "non-finite loss at step 1", "'kd'")
+    assert not (tmp_path / "r" / "model.safetensors").exists()
