@@ -94,6 +94,7 @@ class ImageSet:
             raise DataError(f"{source.root}: split {split_name!r} of {source.format} is empty")
         self.source, self.split_name, self.split, self.device = source, split_name, split, device
         want_c, want_s = int(meta["in_channels"]), int(meta["image_size"])
+        self.chw = (want_c, want_s, want_s)
         if isinstance(split, ArraySplit):
             _, h, w, c = split.images.shape
             if (c, h, w) != (want_c, want_s, want_s):
@@ -122,8 +123,18 @@ class ImageSet:
                     f"(the torch pipeline has no file reader yet: {exc})"
                 ) from None
             raise
-        for batch in pipeline.epoch(0):
-            yield batch.images
+        try:
+            for batch in pipeline.epoch(0):
+                if tuple(batch.images.shape[1:]) != self.chw:
+                    raise DataError(
+                        f"{self.source.root}: {self.source.format} gives {tuple(batch.images.shape[1:])} images, "
+                        f"the student expects {self.chw} (data.format does not match the checkpoint)"
+                    )
+                yield batch.images
+        finally:
+            close = getattr(pipeline, "close", None)
+            if close is not None:
+                close()
 
     def first_batch(self, batch_size: int) -> torch.Tensor:
         """`batch_size` real images for timing, repeating the split when it is smaller."""
@@ -133,7 +144,10 @@ class ImageSet:
         return images[:batch_size].contiguous()
 
 
-def calibration_source(source: DataSource, meta: dict[str, Any], samples: int, batch_size: int = 64) -> CalibrationSource:
-    """A re-iterable source of `samples` training images (spread over the split) for int8 calibration."""
+def calibration_source(source: DataSource, meta: dict[str, Any], samples: int,
+                       batch_size: int = 64) -> tuple[CalibrationSource, dict[str, Any]]:
+    """A re-iterable source of `samples` training images (spread over the split) for int8 calibration, and its record."""
     train = ImageSet(source, meta, which="train", limit=samples, spread=True)
-    return lambda: train.batches(batch_size)
+    info = {"split": train.split_name, "samples": len(train), "format": source.format, "root": source.root,
+            "method": "min/max"}
+    return (lambda: train.batches(batch_size)), info

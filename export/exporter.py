@@ -39,9 +39,19 @@ def runtime_versions() -> dict[str, str]:
 
 
 def device_name(device: str) -> str:
+    """A readable name for reports: the GPU's, or the CPU model and how many cores this process may use."""
     if device == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical cpus)"
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model}, {cores} cpus"
 
 
 def export_model(
@@ -144,8 +154,6 @@ def export_checkpoint(
         if calib_samples <= 0:
             raise ExportError(f"--calib-samples must be positive for int8, got {calib_samples}")
         source = data or data_source(meta)
-        calibration = calibration_source(source, meta, calib_samples)
-        info = {"split": "train", "samples": calib_samples, "format": source.format, "root": source.root,
-                "method": "min/max"}
+        calibration, info = calibration_source(source, meta, calib_samples)
     return export_model(model, meta, run_dir, backend_name, out, precision, device, batch_sizes, dynamic,
                         calibration, info)

@@ -139,7 +139,8 @@ class TensorRTBackend(Backend):
                 self._compile_int8(trt, model, example, target)
             else:
                 with torch.no_grad():
-                    compiled = trt.compile(model, ir="dynamo", inputs=inputs, **_precision_kwargs(trt, dtype))
+                    compiled = trt.compile(model, ir="dynamo", **{_inputs_key(trt.compile): inputs},
+                                           **_precision_kwargs(trt, dtype))
                     _save(trt, compiled, target, example)
             files.append(ArtifactFile(target.name, size))
         return files
@@ -163,7 +164,8 @@ class TensorRTBackend(Backend):
 
         with torch.no_grad(), export_torch_mode():
             program = torch.export.export(model, (example,), strict=False)
-            compiled = trt.dynamo.compile(program, inputs=[example], enabled_precisions={torch.int8}, min_block_size=1)
+            compiled = trt.dynamo.compile(program, **{_inputs_key(trt.dynamo.compile): [example]},
+                                          enabled_precisions={torch.int8}, min_block_size=1)
             _save(trt, compiled, target, example)
 
     # -- load ---------------------------------------------------------------------------
@@ -194,9 +196,14 @@ def _precision_kwargs(trt: Any, dtype: torch.dtype) -> dict[str, Any]:
     return {"enabled_precisions": {dtype}}
 
 
+def _inputs_key(fn: Any) -> str:
+    """Torch-TensorRT renamed `inputs` to `arg_inputs` (compile, dynamo.compile, save); use whichever `fn` takes."""
+    try:
+        return "arg_inputs" if "arg_inputs" in inspect.signature(fn).parameters else "inputs"
+    except (TypeError, ValueError):
+        return "inputs"
+
+
 def _save(trt: Any, compiled: Any, target: Path, example: torch.Tensor) -> None:
-    """`torch_tensorrt.save` renamed `inputs` to `arg_inputs`; pass whichever this version takes."""
-    params = inspect.signature(trt.save).parameters
-    key = "arg_inputs" if "arg_inputs" in params else "inputs"
-    trt.save(compiled, str(target), output_format="exported_program", **{key: [example]})
+    trt.save(compiled, str(target), output_format="exported_program", **{_inputs_key(trt.save): [example]})
 

@@ -162,14 +162,15 @@ def array_contenders(args: argparse.Namespace, device: torch.device) -> list[Con
     fmt = get_format("cifar100")
     split = ArraySplit(images, labels, [str(i) for i in range(100)])
     spec = CropFlipSpec(pad=4)
-    sampler = EpochSampler(n, args.batch, seed=0)
+    batch = args.array_batch or args.batch
+    sampler = EpochSampler(n, batch, seed=0)
     out = []
     for backend, label in (("torch", "torch ArrayPipeline"), ("dali", "DALI")):
         pipe = build_pipeline(backend, split, fmt, sampler, spec, device=device)
         out.append(Contender("arrays", backend, label, pipe.epoch, backend))
     out.append(Contender(
         "arrays", "dataloader", f"per-sample DataLoader ({args.workers} workers)",
-        lambda e: _loader(ArraySamples(images, spec, 0, e, fmt.mean, fmt.std), sampler.order(e), args.batch,
+        lambda e: _loader(ArraySamples(images, spec, 0, e, fmt.mean, fmt.std), sampler.order(e), batch,
                           args.workers, device)))
     return out
 
@@ -225,7 +226,7 @@ def machine_name(device: torch.device) -> str:
 
 
 def write_auto_table(path: Path, results: dict[str, dict[str, float]], sections: dict[str, str], device: torch.device,
-                     contenders: list[Contender]) -> dict[str, dict]:
+                     contenders: list[Contender], note: str = "") -> dict[str, dict]:
     """Merge this machine's choice per dataset kind into the table (other device types kept)."""
     table = load_auto_table(path)
     backend_of = {(c.section, c.name): c.backend for c in contenders if c.backend}
@@ -241,6 +242,8 @@ def write_auto_table(path: Path, results: dict[str, dict[str, float]], sections:
             "machine": machine_name(device),
             "measured": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         }
+        if note:
+            written[auto_key(kind, device)]["note"] = note
     table.setdefault("comment", "Written by `python -m pipelines.bench --write-auto-table`; read by data.pipeline=auto.")
     table["entries"].update(written)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -281,10 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", default="", help="comma-separated subset of arrays,jpeg,jpeg224 (default: all for the device)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--array-batch", type=int, default=0, help="batch size of the arrays section (default: --batch)")
     parser.add_argument("--batches", type=int, default=40,
                         help="timed batches per contender per repeat (at most one epoch minus the warm-up)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed batches before each measurement")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers, DALI and Pillow threads")
+    parser.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--array-images", type=int, default=50_000)
     parser.add_argument("--jpeg-images", type=int, default=5_000)
     parser.add_argument("--jpeg224-images", type=int, default=4_096)
@@ -292,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, help="keep generated JPEG folders here (default: a temporary folder)")
     parser.add_argument("--write-auto-table", nargs="?", const=AUTO_TABLE, type=Path, metavar="PATH",
                         help=f"record the faster backend per dataset kind for this device type (default {AUTO_TABLE.name})")
+    parser.add_argument("--note", default="", help="remark stored with the auto-table entries (e.g. machine load)")
     parser.add_argument("--json", type=Path, help="also write the medians as JSON here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -302,13 +308,17 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(sections) - {"arrays", "jpeg", "jpeg224"}
     if unknown:
         raise DataError(f"--sections: unknown section {sorted(unknown)[0]!r} (arrays, jpeg, jpeg224)")
-    for flag, n in (("--array-images", args.array_images), ("--jpeg-images", args.jpeg_images),
-                    ("--jpeg224-images", args.jpeg224_images)):
-        if n < args.batch * (args.warmup + 1):
-            raise DataError(f"{flag}: {n} images do not fill the warm-up plus one timed batch of {args.batch}")
+    for flag, n, batch in (("--array-images", args.array_images, args.array_batch or args.batch),
+                           ("--jpeg-images", args.jpeg_images, args.batch),
+                           ("--jpeg224-images", args.jpeg224_images, args.batch)):
+        if n < batch * (args.warmup + 1):
+            raise DataError(f"{flag}: {n} images do not fill the warm-up plus one timed batch of {batch}")
 
-    print(f"pipelines.bench on {machine_name(device)}, torch {torch.__version__}, batch {args.batch}, "
-          f"{args.repeats} repeats x {args.batches} batches, {args.workers} workers")
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    print(f"pipelines.bench on {machine_name(device)}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"batch {args.batch} (arrays {args.array_batch or args.batch}), {args.repeats} repeats x up to "
+          f"{args.batches} batches after {args.warmup} warm-up, {args.workers} workers/threads")
     with tempfile.TemporaryDirectory(prefix="rrd-bench-") as tmp:
         data_dir = args.data_dir or Path(tmp)
         contenders: list[Contender] = []
@@ -337,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_auto_table:
         kinds = {"arrays": "array", "jpeg": "files", "jpeg224": "files"}
         chosen = {s: kinds[s] for s in sections if not (s == "jpeg" and "jpeg224" in sections)}
-        written = write_auto_table(args.write_auto_table, medians, chosen, device, contenders)
+        written = write_auto_table(args.write_auto_table, medians, chosen, device, contenders, args.note)
         for key, entry in written.items():
             print(f"auto table {args.write_auto_table}: {key} -> {entry['backend']} ({entry['img_s']})")
     return 0

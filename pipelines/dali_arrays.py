@@ -117,9 +117,14 @@ class DaliArrayPipeline:
         aug = torch.from_numpy(work.aug).to(self.device)
         return Batch(images=images, labels=self._labels[idx], index=idx, aug=aug, epoch=work.epoch)
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        """Batches of `epoch` from `start_step` on: a pure function of (seed, epoch)."""
-        works = (self._work(index, epoch) for index in self.sampler.batches(epoch)[start_step:])
+    def epoch(self, epoch: int, start_step: int = 0, aug_epoch: int | None = None) -> Iterator[Batch]:
+        """Batches of `epoch` from `start_step` on: a pure function of (seed, epoch).
+
+        `aug_epoch` (default: `epoch`) draws the augmentation of another epoch while keeping
+        this epoch's sample order (the teacher cache replays its stored views this way).
+        """
+        aug = epoch if aug_epoch is None else aug_epoch
+        works = (self._work(index, aug) for index in self.sampler.batches(epoch)[start_step:])
         for work, outputs in self._runner.run(works):
             yield self._batch(work, outputs)
 

@@ -177,6 +177,7 @@ class DaliRunner:
         self.on_error = on_error
         self._feed = _Feed(len(self.sources), make_inputs)
         self._pipe: Any = None
+        self._owner: object | None = None  # the run() currently driving the pipeline
 
     def _pipeline(self) -> Any:
         if self._pipe is None:
@@ -195,16 +196,26 @@ class DaliRunner:
     def discard(self) -> None:
         """Drop the DALI pipeline (its threads end with it); the next run builds a new one."""
         self._pipe = None
+        self._owner = None
         self._feed.start(iter(()))
 
     def run(self, works: Iterable[Work]) -> Iterator[tuple[Work, list[Any]]]:
-        """Yield (work, DALI outputs) for every planned batch, in order."""
+        """Yield (work, DALI outputs) for every planned batch, in order.
+
+        Starting a run while an earlier one is suspended mid-epoch discards the pipeline
+        (its prefetched batches belong to the earlier run); the earlier run then stops.
+        """
+        if self._owner is not None:
+            self.discard()
+        token = self._owner = object()
         pipe = self._pipeline()
         self._feed.start(iter(works))
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         finished = False
         try:
             while True:
+                if self._owner is not token:
+                    raise RuntimeError("this epoch's DALI pipeline was taken over by a newer epoch() call")
                 try:
                     outputs = pipe.run(stream) if stream is not None else pipe.run()
                 except StopIteration:
@@ -218,16 +229,19 @@ class DaliRunner:
                     if self.on_error is None:
                         raise
                     retry = self.on_error(in_flight, exc)
+                    self._owner = token
                     pipe = self._pipeline()
                     self._feed.start(chain(retry, rest))
                     continue
                 yield self._feed.returned(), list(outputs)
         finally:
-            if finished:
-                pipe.reset()
-                self._feed.start(iter(()))
-            else:
-                self.discard()
+            if self._owner is token:
+                if finished:
+                    pipe.reset()
+                    self._owner = None
+                    self._feed.start(iter(()))
+                else:
+                    self.discard()
 
 
 def first_error_line(exc: BaseException) -> str:

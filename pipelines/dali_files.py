@@ -254,9 +254,14 @@ class DaliFilePipeline:
         aug = torch.zeros((0, 5), dtype=torch.float32, device=self.device)
         return Batch(images=images, labels=z, index=z.clone(), aug=aug, epoch=epoch)
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        """Batches of `epoch` from `start_step` on; skipped corrupt files shrink their batch."""
-        works = self._works(self.sampler.batches(epoch)[start_step:], epoch)
+    def epoch(self, epoch: int, start_step: int = 0, aug_epoch: int | None = None) -> Iterator[Batch]:
+        """Batches of `epoch` from `start_step` on; skipped corrupt files shrink their batch.
+
+        `aug_epoch` (default: `epoch`) draws the augmentation of another epoch while keeping
+        this epoch's sample order (the teacher cache replays its stored views this way).
+        """
+        aug = epoch if aug_epoch is None else aug_epoch
+        works = self._works(self.sampler.batches(epoch)[start_step:], aug)
         for work, outputs in self._runner.run(works):
             yield self._batch(work, outputs)
 

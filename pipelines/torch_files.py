@@ -152,19 +152,24 @@ class FilePipeline:
                      epoch=epoch)
 
     # ------------------------------------------------------------------ interface
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        """Batches of `epoch` from `start_step` on; corrupt files skipped (policy `skip`) shrink their batch."""
+    def epoch(self, epoch: int, start_step: int = 0, aug_epoch: int | None = None) -> Iterator[Batch]:
+        """Batches of `epoch` from `start_step` on; corrupt files skipped (policy `skip`) shrink their batch.
+
+        `aug_epoch` (default: `epoch`) draws the augmentation of another epoch while keeping
+        this epoch's sample order (the teacher cache replays its stored views this way).
+        """
+        aug_e = epoch if aug_epoch is None else aug_epoch
         plan = iter(self.sampler.batches(epoch)[start_step:])
         ahead: deque = deque()
         try:
             for index in plan:
-                ahead.append(self._submit(index, epoch))
+                ahead.append(self._submit(index, aug_e))
                 if len(ahead) > self.prefetch:
-                    batch = self._collect(*ahead.popleft(), epoch)
+                    batch = self._collect(*ahead.popleft(), aug_e)
                     if len(batch):
                         yield batch
             while ahead:
-                batch = self._collect(*ahead.popleft(), epoch)
+                batch = self._collect(*ahead.popleft(), aug_e)
                 if len(batch):
                     yield batch
         finally:

@@ -3,8 +3,8 @@
 The whole split lives as one zero-padded uint8 NCHW tensor on the training device, next
 to a horizontally mirrored copy when flips are on. A random crop of either copy is then
 a plain strided window that starts at one byte offset, so a whole batch (crop and flip
-included) is a single `index_select` of B windows, one dtype conversion and a fused
-normalisation: no per-sample or per-pixel Python, and no per-pixel index arithmetic.
+included) is a single `index_select` of B windows, then one dtype conversion and an
+in-place normalisation: no per-sample Python and no per-pixel index arithmetic.
 Augmentation parameters are looked up in a per-epoch table (they are a pure function
 of (seed, epoch, index), so the table is exact and cheap to rebuild).
 """
@@ -65,7 +65,7 @@ class ArrayPipeline:
         self._scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=self.device, dtype=dtype).view(1, c, 1, 1)
         self._shift = torch.tensor([m / s for m, s in zip(mean, std)], device=self.device, dtype=dtype).view(1, c, 1, 1)
         self._windows = self._window_view(self._pixels)
-        self._tables: dict[int, np.ndarray] = {}
+        self._tables: tuple[tuple[int, np.ndarray], ...] = ()  # (epoch, table), newest first
 
     def _window_view(self, pixels: torch.Tensor) -> torch.Tensor:
         """Every C×H×W window of the flat storage, indexed by its first byte (overlapping, no copy)."""
@@ -77,10 +77,15 @@ class ArrayPipeline:
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        """Batches of `epoch` from `start_step` on: a pure function of (seed, epoch)."""
+    def epoch(self, epoch: int, start_step: int = 0, aug_epoch: int | None = None) -> Iterator[Batch]:
+        """Batches of `epoch` from `start_step` on: a pure function of (seed, epoch).
+
+        `aug_epoch` (default: `epoch`) draws the augmentation of another epoch while
+        keeping this epoch's sample order; the teacher cache replays view e mod V this way.
+        """
+        aug = epoch if aug_epoch is None else aug_epoch
         for index in self.sampler.batches(epoch)[start_step:]:
-            yield self.batch_for(index, epoch)
+            yield self.batch_for(index, aug)
 
     def aug_params(self, index: np.ndarray, epoch: int) -> np.ndarray:
         """int32 B×3 (dy, dx, flip), read from the epoch's table: identical to `augment.params`."""
@@ -89,12 +94,12 @@ class ArrayPipeline:
             return np.zeros((len(index), 3), dtype=np.int32)
         if index.size and (index.min() < 0 or index.max() >= self.size):
             raise IndexError(f"sample index out of range 0..{self.size - 1}")
-        table = self._tables.get(epoch)
+        tables = self._tables
+        table = next((t for e, t in tables if e == epoch), None)
         if table is None:
             table = self.augment.params(self.sampler.seed, epoch, np.arange(self.size))
-            if len(self._tables) >= PARAM_TABLES_KEPT:
-                del self._tables[next(iter(self._tables))]
-            self._tables[epoch] = table
+            # One reference swap: safe if another thread reads the tables meanwhile.
+            self._tables = ((epoch, table),) + tables[: PARAM_TABLES_KEPT - 1]
         return table[index]
 
     def batch_for(self, index: np.ndarray, epoch: int) -> Batch:

@@ -184,13 +184,25 @@ def distill_step(teacher_arch: str, student_arch: str, batch: int, precision: st
     return run
 
 
-def pipeline_batches(pipe: Any, sampler: Any) -> Callable[[int], None]:
-    """(c): the torch pipeline alone."""
+def pipeline_batches(pipe: Any, sampler: Any, threads: int = 0) -> Callable[[int], None]:
+    """(c): the torch pipeline alone, with the process's torch threads or with `threads`.
+
+    One thread isolates the pipeline's own cost from OpenMP scheduling: on a busy shared
+    machine a parallel region waits for a core, which multi-threaded small ops feel most.
+    """
+    import torch
+
     source = endless_batches(pipe, sampler)
 
     def run(steps: int) -> None:
-        for _ in range(steps):
-            next(source)
+        previous = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            for _ in range(steps):
+                next(source)
+        finally:
+            torch.set_num_threads(previous)
 
     return run
 
@@ -273,6 +285,14 @@ def parse_pairs(specs: Sequence[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def bf16_native() -> bool:
+    """Whether the CPU has bf16 arithmetic (AVX-512 BF16 or AMX); without it oneDNN emulates bf16, slowly."""
+    import torch
+
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(check()) for check in checks if check is not None)
+
+
 def machine_info() -> dict[str, Any]:
     import torch
 
@@ -282,18 +302,21 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_native": bf16_native(),
         "glibc_tunables": os.environ.get(TUNABLES_VAR, ""),
         "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
 
-def run_malloc_comparison(student: str, batch: int, effort: Effort, log: Callable[[str], None]) -> dict[str, Any]:
+def run_malloc_comparison(student: str, batch: int, effort: Effort, threads: int, log: Callable[[str], None]) -> dict[str, Any]:
     """Fresh processes, alternating without/with the tunables (glibc reads them only at start)."""
     base = {k: v for k, v in os.environ.items() if k != TUNABLES_VAR}
     envs = {"without": {**base, OPT_OUT_VAR: "1"}, "with": {**base, TUNABLES_VAR: TUNABLES}}
     results: dict[str, list[float]] = {"without": [], "with": []}
     cmd = [sys.executable, "-m", "rrd_fast.bench", "malloc-probe", "--student", student, "--batch-size", str(batch),
-           "--rounds", str(effort.malloc_rounds), "--steps", str(effort.steps), "--warmup", str(effort.warmup_steps)]
+           "--rounds", str(effort.malloc_rounds), "--steps", str(effort.steps), "--warmup", str(effort.warmup_steps),
+           "--threads", str(threads)]
     for rep in range(effort.malloc_repeats):
         for mode in (("without", "with") if rep % 2 == 0 else ("with", "without")):
             proc = subprocess.run(cmd, env=envs[mode], capture_output=True, text=True, timeout=1800)
@@ -326,6 +349,7 @@ def measure(pairs: list[tuple[str, str]], batch_sizes: list[int], precisions: li
         train.append(Variant({**key, "kind": "a"}, b, student_step(student, b, prec, pipe, samplers[b])))
         train.append(Variant({**key, "kind": "b"}, b, distill_step(teacher, student, b, prec, pipe, samplers[b], n_images)))
     data = [Variant({"batch_size": b, "kind": "c"}, b, pipeline_batches(pipe, samplers[b])) for b in batch_sizes]
+    data += [Variant({"batch_size": b, "kind": "c1"}, b, pipeline_batches(pipe, samplers[b], threads=1)) for b in batch_sizes]
     data += [Variant({"batch_size": b, "kind": "d"}, b, loader_batches(images, labels, b, loader_workers)) for b in batch_sizes]
 
     log(f"warm-up: {len(train)} training variants, {len(data)} data variants")
@@ -333,7 +357,8 @@ def measure(pairs: list[tuple[str, str]], batch_sizes: list[int], precisions: li
         v.run(effort.warmup_steps)
     for v in data:
         v.run(2)
-    windows = {"a": effort.steps, "b": effort.steps, "c": effort.pipeline_batches, "d": effort.loader_batches}
+    windows = {"a": effort.steps, "b": effort.steps, "c": effort.pipeline_batches, "c1": effort.pipeline_batches,
+               "d": effort.loader_batches}
     # Data variants sit between training variants, so all see the same background load.
     interleave(train + data, effort.rounds, lambda v: windows[v.key["kind"]], log)
 
@@ -345,14 +370,18 @@ def measure(pairs: list[tuple[str, str]], batch_sizes: list[int], precisions: li
 
     for (teacher, student), b, prec in itertools.product(pairs, batch_sizes, precisions):
         key = {"teacher": teacher, "student": student, "batch_size": b, "precision": prec}
-        a, bb, c = get("a", **key), get("b", **key), get("c", batch_size=b)
+        a, bb = get("a", **key), get("b", **key)
+        c, c1 = get("c", batch_size=b), get("c1", batch_size=b)
+        # share = (c time per batch) / (b time per batch) = b img/s / c img/s
         rows.append({**key, "a_img_s": a.median, "b_img_s": bb.median, "b_over_a": bb.median / a.median,
-                     "pipeline_share": bb.median / c.median, "a_samples": a.samples, "b_samples": bb.samples})
+                     "pipeline_share": bb.median / c.median, "pipeline_share_1thread": bb.median / c1.median,
+                     "a_samples": a.samples, "b_samples": bb.samples})
     pipeline = []
     for b in batch_sizes:
-        c, d = get("c", batch_size=b), get("d", batch_size=b)
-        pipeline.append({"batch_size": b, "c_img_s": c.median, "d_img_s": d.median, "c_over_d": c.median / d.median,
-                         "c_samples": c.samples, "d_samples": d.samples})
+        c, c1, d = get("c", batch_size=b), get("c1", batch_size=b), get("d", batch_size=b)
+        pipeline.append({"batch_size": b, "c_img_s": c.median, "c_1thread_img_s": c1.median, "d_img_s": d.median,
+                         "c_over_d": c.median / d.median, "c_1thread_over_d": c1.median / d.median,
+                         "c_samples": c.samples, "c_1thread_samples": c1.samples, "d_samples": d.samples})
     return {"train": rows, "pipeline": pipeline}
 
 
@@ -366,19 +395,25 @@ def format_report(result: dict[str, Any]) -> str:
              f"GLIBC_TUNABLES {'set' if m['glibc_tunables'] else 'unset'}, "
              f"load average {m['load_average_start'][0]:.1f} -> {m['load_average_end'][0]:.1f}"
              if m.get("load_average_start") else f"torch {m['torch']}, {m['torch_threads']} threads"]
-    lines.append("medians over interleaved rounds, img/s; all channels_last")
+    lines.append(f"CPU capability {m['cpu_capability']}, native bf16 {'yes' if m['bf16_native'] else 'NO (bf16 autocast is emulated)'}; "
+                 "medians over interleaved rounds, img/s; all channels_last")
     lines.append("")
-    head = f"{'teacher -> student':26s} {'batch':>5s} {'prec':>5s} {'(a) student':>12s} {'(b) distill':>12s} {'b/a':>6s} {'pipe share':>10s}"
+    threads = m["torch_threads"]
+    head = (f"{'teacher -> student':26s} {'batch':>5s} {'prec':>5s} {'(a) student':>12s} {'(b) distill':>12s} {'b/a':>6s} "
+            f"{'pipe share':>10s} {'(1 thread)':>10s}")
     lines += [head, "-" * len(head)]
     for r in result["train"]:
         lines.append(f"{r['teacher'] + ' -> ' + r['student']:26s} {r['batch_size']:5d} {r['precision']:>5s} "
-                     f"{r['a_img_s']:12.1f} {r['b_img_s']:12.1f} {r['b_over_a']:6.2f} {100 * r['pipeline_share']:9.3f}%")
+                     f"{r['a_img_s']:12.1f} {r['b_img_s']:12.1f} {r['b_over_a']:6.2f} {100 * r['pipeline_share']:9.3f}% "
+                     f"{100 * r['pipeline_share_1thread']:9.3f}%")
     lines.append("")
-    head = f"{'data (50k 32x32, crop+flip+norm)':32s} {'batch':>5s} {'(c) torch':>11s} {'(d) per-sample':>15s} {'c/d':>7s}"
+    head = (f"{'data: ' + str(result['config']['images']) + ' x 32x32, crop+flip+norm':34s} {'batch':>5s} "
+            f"{'(c) torch':>10s} {'c, 1 thread':>11s} {'(d) per-sample':>14s} {'c/d':>7s} {'c1/d':>7s}")
     lines += [head, "-" * len(head)]
     for p in result["pipeline"]:
-        lines.append(f"{'':32s} {p['batch_size']:5d} {p['c_img_s']:11.0f} {p['d_img_s']:15.0f} {p['c_over_d']:7.1f}")
-    lines.append(f"(d): {result['config']['loader_workers']} DataLoader worker processes")
+        lines.append(f"{'':34s} {p['batch_size']:5d} {p['c_img_s']:10.0f} {p['c_1thread_img_s']:11.0f} {p['d_img_s']:14.0f} "
+                     f"{p['c_over_d']:7.1f} {p['c_1thread_over_d']:7.1f}")
+    lines.append(f"(c): {threads} torch threads unless marked; (d): {result['config']['loader_workers']} DataLoader worker processes")
     mc = result.get("malloc")
     if mc:
         lines.append("")
@@ -440,7 +475,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     result.update(measure(pairs, args.batch_sizes, args.precisions, effort, n_images, args.loader_workers, log))
     if not args.no_malloc:
-        result["malloc"] = run_malloc_comparison(pairs[0][1], max(args.batch_sizes), effort, log)
+        result["malloc"] = run_malloc_comparison(pairs[0][1], max(args.batch_sizes), effort, args.threads, log)
     result["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     result["wall_s"] = time.time() - started
     result["targets"] = targets(result)
@@ -457,6 +492,10 @@ def cmd_malloc_probe(args: argparse.Namespace) -> int:
     from pipelines.sampler import EpochSampler
     from pipelines.torch_pipeline import ArrayPipeline
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     images, labels = cifar_like(max(4 * args.batch_size, 1024))
     sampler = EpochSampler(len(images), args.batch_size, seed=0)
     pipe = ArrayPipeline(images, labels, sampler, CIFAR_MEAN, CIFAR_STD, CropFlipSpec())
@@ -487,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--rounds", type=int, default=3)
     probe.add_argument("--steps", type=int, default=2)
     probe.add_argument("--warmup", type=int, default=1)
+    probe.add_argument("--threads", type=int, default=0)
     return parser
 
 

@@ -44,8 +44,12 @@ class TeacherConfig:
     arch: str = ""
     checkpoint: str = ""  # a checkpoint folder (model.safetensors + model.json) or a RepDistiller .pth
     cache: str = ""  # teacher feature cache folder; empty: run the teacher online
-    cache_views: int = 32
+    cache_views: int = 32  # V: epoch e replays augmentation view e mod V (see rrd_fast/cache/__init__.py)
     cache_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    cache_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # teacher autocast in the build; auto: train.mixed_precision
+    cache_batch_size: int = 0  # build batch; 0: 256 on CPU, the largest that fits (from 1024 down) on CUDA
+    cache_shard_samples: int = 65536  # samples per shard file
+    cache_verify: Literal["checksum", "size"] = "checksum"  # checksum: sha256 of each shard before its first read
 
 
 @dataclass
@@ -78,6 +82,16 @@ class OptimConfig:
 
 @dataclass
 class DistributedConfig:
+    """How several processes share a run (launch with `accelerate launch --multi_gpu --num_processes N`).
+
+    `data.batch_size` is the global batch, split evenly over the processes; `optim.lr_scaling`
+    says how the learning rate follows it. `memory_sharding` splits relational memories:
+    `sharded` (each process holds 1/N of the rows, the loss exact over all of them; the
+    default with N > 1), `replicated` (every process holds all rows, fed the gathered global
+    batch), `local` (one unsynchronised memory per process, as the reference code under DDP;
+    the default with one process, where all three are the same). `sync_batchnorm` needs GPUs.
+    """
+
     memory_sharding: Literal["auto", "sharded", "replicated", "local"] = "auto"
     sync_batchnorm: bool = False
 

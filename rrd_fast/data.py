@@ -22,6 +22,7 @@ class RunData:
     num_train: int
     num_eval: int
     backend: str
+    train_labels: np.ndarray | None = None  # labels of the (limited) training split, for class-aware memories
 
 
 def _limit(split: Split, limit: int) -> Split:
@@ -54,4 +55,4 @@ def build_data(cfg: DataConfig, seed: int, rank: int, world_size: int, device: t
     backend = resolve_backend(cfg.pipeline, fmt, device)
     train = build_pipeline(backend, train_split, fmt, train_sampler, train_augmentation(cfg, fmt), device=device)
     evaluation = build_pipeline(backend, eval_split, fmt, eval_sampler, None, device=device)
-    return RunData(fmt, train, evaluation, n_train, n_eval, backend)
+    return RunData(fmt, train, evaluation, n_train, n_eval, backend, np.asarray(train_split.labels, dtype=np.int64))

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from rrd_fast.trainer import Trainer
 
     common = [f"output_dir={out}", "data.format=fashion_mnist", f"data.root={data}", f"data.batch_size={args.batch_size}",
-              f"data.train_limit={args.train_samples}", "data.eval_batch_size=1000", "train.mixed_precision=bf16",
+              f"data.train_limit={args.train_samples}", "data.eval_batch_size=1000", "train.mixed_precision=no",
               "optim.lr=0.1", f"optim.lr_scaling=linear", "optim.base_batch_size=128"]
     rows = []
     for name, overrides in demo_runs(args.teacher, args.student, args.epochs_teacher, args.epochs):
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|---|---|---|"]
     table += [f"| {r['run']} | {r['model']} | {r['method']} | {r['top1_last']:.2f} | {r['top1_best']:.2f} | "
               f"{r['wall_s']:.0f} | {r['images_per_s']:.0f} |" for r in rows]
-    print("\n".join(["", f"Fashion-MNIST ({args.train_samples or 60000} training images, 10k test), CPU, bf16", *table]))
+    print("\n".join(["", f"Fashion-MNIST ({args.train_samples or 60000} training images, 10k test), CPU, fp32", *table]))
     write_json_atomic(out / "demo.json", rows)
     with atomic_path(out / "demo.md") as tmp:
         tmp.write_text("\n".join(table) + "\n")

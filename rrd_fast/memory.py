@@ -183,7 +183,8 @@ def build_memory(kind: str, sharding: str, spec: MemorySpec) -> Memory:
         raise ConfigError(f"method.options.rrd.memory: unknown memory {kind!r} (known: {', '.join(kinds)})")
     modes = sorted(s for k, s in _MEMORIES if k == kind)
     if sharding not in modes:
-        raise ConfigError(f"distributed.memory_sharding: unknown mode {sharding!r} for memory {kind!r} (known: {', '.join(modes)})")
+        raise ConfigError(f"distributed.memory_sharding: unknown mode {sharding!r} for memory {kind!r} "
+                          f"(known: {', '.join(modes)})")
     return _MEMORIES[(kind, sharding)](spec)
 
 

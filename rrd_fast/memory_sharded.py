@@ -40,8 +40,8 @@ class ShardedSoftCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, zs_all: torch.Tensor, zt_all: torch.Tensor, rows: torch.Tensor, tau_s: float, tau_t: float,  # type: ignore[override]
-                lo: int, hi: int, group: Group) -> torch.Tensor:
+    def forward(ctx, zs_all: torch.Tensor, zt_all: torch.Tensor, rows: torch.Tensor,  # type: ignore[override]
+                tau_s: float, tau_t: float, lo: int, hi: int, group: Group) -> torch.Tensor:
         s = torch.mm(zs_all, rows.t()).div_(tau_s)
         t = torch.mm(zt_all, rows.t()).div_(tau_t)
         big = torch.stack([s.amax(1), t.amax(1)], 1)

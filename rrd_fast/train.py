@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rrd_fast/train.py", description="Train a teacher or distill a student.")
     parser.add_argument("--config", type=Path, help="YAML run config")
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
+    parser.add_argument("--rebuild-cache", action="store_true",
+                        help="rebuild the teacher cache (teacher.cache) even if one exists, e.g. built for another run")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optim.epochs=10")
     args = parser.parse_args(argv)
     if args.resume is not None:
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
     from rrd_fast.trainer import Trainer  # after argument errors, so `--help` stays fast
 
-    trainer = Trainer(cfg, resume=args.resume is not None)
+    trainer = Trainer(cfg, resume=args.resume is not None, rebuild_cache=args.rebuild_cache)
     summary = trainer.fit()
     if trainer.accelerator.is_main_process:
         print(f"{cfg.name}: last-epoch top-1 {summary['top1_last']:.2f}, best top-1 {summary['top1_best']:.2f} "

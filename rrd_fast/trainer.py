@@ -29,6 +29,7 @@ from rrd_fast.config import RunConfig, config_to_dict, save_config
 from rrd_fast.data import RunData, build_data
 from rrd_fast.methods import NetInfo, Objective, TermContext
 from rrd_fast.models import ModelOutput, create_model
+from rrd_fast.resume_shards import load_rank_shards, memory_shards, remove_stale_shards, write_rank_shards
 from rrd_fast.teacher import load_teacher
 
 RESUME_FILE = "resume/state.pt"
@@ -76,14 +77,27 @@ class OnlineTeacher:
 TeacherSourceFactory = Callable[..., Callable[[Batch, torch.Tensor], ModelOutput]]
 
 
-def check_launch(accelerator: Accelerator) -> None:
-    """Refuse N independent single-process trainings started by a launcher by mistake."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and accelerator.num_processes == 1:
+_LAUNCHER_WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def check_launch(accelerator: Accelerator, cfg: RunConfig | None = None) -> None:
+    """Refuse launches that would silently train something other than what was asked for.
+
+    Launchers export the number of processes they started (torchrun and `accelerate launch
+    --multi_gpu`: WORLD_SIZE; MPI: PMI_SIZE / OMPI_COMM_WORLD_SIZE). If Accelerate sees fewer,
+    N independent single-process trainings are running, e.g. `--multi_gpu` without GPUs,
+    `Accelerator(cpu=True)` or ACCELERATE_USE_CPU. (`accelerate launch --cpu --num_processes N`
+    starts one process and exports nothing, so that mistake cannot be seen from inside.)
+    """
+    launched = max(int(os.environ.get(name) or 1) for name in _LAUNCHER_WORLD_VARS)
+    if launched > 1 and accelerator.num_processes != launched:
         raise RunError(
-            f"launched {launched} processes but each sees world size 1: on CPU use "
-            "`accelerate launch --multi_gpu --num_processes N` with ACCELERATE_USE_CPU=true (`--cpu` runs one process)"
+            f"launched {launched} processes but each sees world size {accelerator.num_processes}, so they would train "
+            "independently: on CPU use `accelerate launch --multi_gpu --num_processes N` with ACCELERATE_USE_CPU=true "
+            "(`--cpu` runs one process)"
         )
+    if cfg is not None and cfg.distributed.sync_batchnorm and accelerator.num_processes > 1 and accelerator.device.type == "cpu":
+        raise RunError("distributed.sync_batchnorm: torch's SyncBatchNorm runs only on GPUs; set it to false on CPU")
 
 
 @dataclass
@@ -96,12 +110,13 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, resume: bool = False, teacher_source: TeacherSourceFactory | None = None) -> None:
+    def __init__(self, cfg: RunConfig, resume: bool = False, teacher_source: TeacherSourceFactory | None = None,
+                 rebuild_cache: bool = False) -> None:
         self.cfg = cfg
         ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
         cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
         self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu, kwargs_handlers=[ddp])
-        check_launch(self.accelerator)
+        check_launch(self.accelerator, cfg)
         acc = self.accelerator
         torch.manual_seed(cfg.seed)
         self.data: RunData = build_data(cfg.data, cfg.seed, acc.process_index, acc.num_processes, acc.device)
@@ -123,7 +138,7 @@ class Trainer:
         sharding = cfg.distributed.memory_sharding
         if sharding == "auto":
             sharding = "sharded" if acc.num_processes > 1 else "local"
-        context = TermContext(self.data.num_train, cfg.seed, acc.num_processes, sharding)
+        context = TermContext(self.data.num_train, cfg.seed, acc.num_processes, sharding, train_labels=self.data.train_labels)
         objective = Objective(cfg.method, net_info(student, cfg.student.arch, fmt.num_classes), teacher_info, context)
         if cfg.distributed.sync_batchnorm and acc.num_processes > 1:
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
@@ -135,7 +150,16 @@ class Trainer:
                                     weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
         self.module, self.optimizer = acc.prepare(module, optimizer)
         self.teacher = None
-        if teacher_model is not None:
+        if teacher_model is not None and teacher_source is None and cfg.teacher.cache:
+            # The teacher stays on the CPU: its outputs come from the cache (built or resumed here
+            # in single-process runs), and epoch e replays augmentation view e mod V.
+            from rrd_fast.cache import open_cached_teacher
+
+            self.teacher = open_cached_teacher(cfg, teacher_model, self.teacher_meta, self.data.train, acc.device,
+                                               objective.teacher_fields, rebuild=rebuild_cache,
+                                               may_build=acc.num_processes == 1)
+            self.data.train = self.teacher.wrap(self.data.train)
+        elif teacher_model is not None:
             teacher_model = teacher_model.to(acc.device, memory_format=memory_format)
             factory = teacher_source or (lambda model, **_: OnlineTeacher(model, acc, cfg.train.channels_last))
             self.teacher = factory(model=teacher_model, accelerator=acc, cfg=cfg, data=self.data, meta=self.teacher_meta)
@@ -151,10 +175,17 @@ class Trainer:
     def unwrapped(self) -> DistillModule:
         return self.accelerator.unwrap_model(self.module)
 
+    def _memory_tag(self) -> str:
+        return f"step{self.state.global_step:010d}"
+
     def _resume_payload(self) -> dict[str, Any]:
+        """Everything but the memories' row buffers, which each rank writes itself (`_save_resume`)."""
         scaler = self.accelerator.scaler
+        memory_rows = set(memory_shards(self.unwrapped))
         return {
-            "module": self.unwrapped.state_dict(),
+            "module": {k: v for k, v in self.unwrapped.state_dict().items() if k not in memory_rows},
+            "memory_tag": self._memory_tag(),
+            "memory_world_size": self.accelerator.num_processes,
             "optimizer": self.optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else {},
             "epoch": self.state.epoch,
@@ -166,23 +197,38 @@ class Trainer:
         }
 
     def _save_resume(self) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        with atomic_path(self.run_dir / RESUME_FILE) as tmp:
-            torch.save(self._resume_payload(), tmp)
+        """Each rank writes its memory rows; then rank 0 writes the main file naming them, then drops older ones.
+
+        No rank gathers a sharded memory, not even here; see `resume_shards`. Called on every rank.
+        """
+        acc = self.accelerator
+        write_rank_shards(self.run_dir, self._memory_tag(), self.unwrapped, acc.process_index, acc.num_processes)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            with atomic_path(self.run_dir / RESUME_FILE) as tmp:
+                torch.save(self._resume_payload(), tmp)
+            remove_stale_shards(self.run_dir, keep=self._memory_tag())
 
     def _load_resume(self) -> None:
         path = self.run_dir / RESUME_FILE
         if not path.is_file():
             raise RunError(f"{path}: no resume state in this run folder")
         try:
-            payload = torch.load(path, map_location=self.accelerator.device, weights_only=True)
+            # CPU first: under MULTI_CPU the device is "cpu:0", which torch.load cannot map to; load_state_dict copies to the device.
+            payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise RunError(f"{path}: resume state unreadable ({str(exc).splitlines()[0][:200]})") from None
+        memory_rows = set(memory_shards(self.unwrapped))
         try:
-            self.unwrapped.load_state_dict(payload["module"], strict=True)
+            missing, unexpected = self.unwrapped.load_state_dict(payload["module"], strict=False)
         except RuntimeError as exc:
             raise RunError(f"{path}: resume state does not fit this config ({str(exc).splitlines()[0][:200]})") from None
+        if unexpected or set(missing) != memory_rows or "memory_tag" not in payload:
+            wrong = sorted(set(unexpected) | (set(missing) - memory_rows)) or ["memory shards"]
+            raise RunError(f"{path}: resume state does not fit this config (mismatched {', '.join(wrong[:3])})")
+        # Memories are re-split for this run's number of processes: each rank reads only its own rows.
+        load_rank_shards(self.run_dir, str(payload["memory_tag"]), int(payload["memory_world_size"]), self.unwrapped,
+                         self.accelerator.process_index, self.accelerator.num_processes)
         self.optimizer.load_state_dict(payload["optimizer"])
         if self.accelerator.scaler is not None and payload["scaler"]:
             self.accelerator.scaler.load_state_dict(payload["scaler"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,6 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from rrd_fast.models import ModelOutput, create_model, list_models
-
-torch.set_num_threads(2)
 
 # From the brief's table (CIFAR-100): params in millions, pooled dim, forward GFLOP/img.
 # FLOPs count a multiply-add as 2, which is what FlopCounterMode does.
@@ -62,11 +61,30 @@ STAGE_CHANNELS: dict[str, list[int]] = {
 ALL = sorted(STAGE_CHANNELS)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Batches here are tiny: one intra-op thread is as fast and far steadier on a busy 2-core host."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @functools.lru_cache(maxsize=None)
 def _eval_model(name: str) -> nn.Module:
-    """One shared eval-mode instance per model for the read-only tests (building ResNet50 is slow)."""
+    """One shared eval-mode instance per model for the read-only tests."""
     torch.manual_seed(0)
     return create_model(name).eval()
+
+
+_INPUT = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@functools.lru_cache(maxsize=None)
+def _features(name: str) -> ModelOutput:
+    """The `features=True` output on a fixed batch, shared by the read-only feature tests."""
+    with torch.no_grad():
+        return _eval_model(name)(_INPUT, features=True)
 
 
 def _count(model: nn.Module) -> float:
@@ -89,10 +107,9 @@ def test_size_and_dims(name: str) -> None:
 @pytest.mark.parametrize("name", ALL)
 def test_forward_contract(name: str) -> None:
     model = _eval_model(name)
-    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        logits = model(x)
-        out = model(x, features=True)
+        logits = model(_INPUT)
+    out = _features(name)
     assert isinstance(logits, torch.Tensor) and logits.shape == (2, 100)
     assert isinstance(out, ModelOutput)
     assert torch.equal(out.logits, logits)
@@ -109,16 +126,15 @@ def test_forward_contract(name: str) -> None:
 def test_grayscale_28x28(name: str) -> None:
     model = create_model(name, num_classes=10, in_channels=1).eval()
     with torch.no_grad():
-        out = model(torch.randn(2, 1, 28, 28), features=True)
-    assert out.logits.shape == (2, 10)
-    assert out.pooled.shape == (2, model.pooled_dim)
+        out = model(torch.randn(1, 1, 28, 28), features=True)
+    assert out.logits.shape == (1, 10)
+    assert out.pooled.shape == (1, model.pooled_dim)
     assert [s.shape[1] for s in out.stages] == model.stage_channels
 
 
 @pytest.mark.parametrize("name", [n for n in ALL if n.startswith(("resnet", "vgg", "Shuffle", "ResNet"))])
 def test_pre_relu_is_stage_before_relu(name: str) -> None:
-    with torch.no_grad():
-        out = _eval_model(name)(torch.randn(2, 3, 32, 32), features=True)
+    out = _features(name)
     for s, p in zip(out.stages, out.pre_relu):
         assert torch.equal(F.relu(p), s)
 
@@ -126,21 +142,21 @@ def test_pre_relu_is_stage_before_relu(name: str) -> None:
 def test_wrn_and_mobilenet_feature_conventions() -> None:
     """WRN: stages are raw group outputs and pre_relu the next BN; MobileNetV2: linear stages."""
     wrn = _eval_model("wrn_16_2")
+    out = _features("wrn_16_2")
     with torch.no_grad():
-        out = wrn(torch.randn(2, 3, 32, 32), features=True)
         bns = [wrn.block2.layer[0].bn1, wrn.block3.layer[0].bn1, wrn.bn1]
         for s, p, bn in zip(out.stages, out.pre_relu, bns):
             torch.testing.assert_close(bn(s), p)
         torch.testing.assert_close(F.relu(out.pre_relu[-1]).mean((2, 3)), out.pooled)
-    with torch.no_grad():
-        mob = _eval_model("MobileNetV2")(torch.randn(2, 3, 32, 32), features=True)
+    mob = _features("MobileNetV2")
     assert all(s is p for s, p in zip(mob.stages, mob.pre_relu))
 
 
-@pytest.mark.parametrize(("name", "kernel"), [("resnet8x4", 8), ("resnet20", 8), ("ShuffleV1", 4), ("ResNet50", 4)])
+@pytest.mark.parametrize(
+    ("name", "kernel"), [("resnet8x4", 8), ("resnet20", 8), ("ShuffleV1", 4), ("ResNet50", 4)]
+)
 def test_adaptive_pool_equals_reference_fixed_pool(name: str, kernel: int) -> None:
-    with torch.no_grad():
-        out = _eval_model(name)(torch.randn(2, 3, 32, 32), features=True)
+    out = _features(name)
     torch.testing.assert_close(out.pooled, F.avg_pool2d(out.stages[-1], kernel).flatten(1))
 
 
@@ -148,7 +164,7 @@ def test_one_pass_updates_batchnorm_once() -> None:
     """features=True must not re-run any BN (the reference's WRN preact path does)."""
     for name in ("wrn_16_1", "resnet8", "ShuffleV2"):
         model = create_model(name).train()
-        model(torch.randn(4, 3, 32, 32), features=True)
+        model(torch.randn(2, 3, 16, 16), features=True)
         counts = {int(m.num_batches_tracked) for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
         assert counts == {1}, name
 
@@ -166,13 +182,16 @@ def test_flops_match_table(name: str) -> None:
 # --- RepDistiller checkpoint compatibility -------------------------------------------------
 
 
-def _bn(prefix: str, c: int) -> dict[str, tuple[int, ...]]:
+Shapes = dict[str, tuple[int, ...]]
+
+
+def _bn(prefix: str, c: int) -> Shapes:
     return {f"{prefix}.{k}": (c,) for k in ("weight", "bias", "running_mean", "running_var")} | {
         f"{prefix}.num_batches_tracked": ()
     }
 
 
-def _repdistiller_resnet_keys(depth: int, widths: list[int], classes: int = 100) -> dict[str, tuple[int, ...]]:
+def _repdistiller_resnet_keys(depth: int, widths: list[int], classes: int = 100) -> Shapes:
     """Key -> shape of RepDistiller's CIFAR ResNet state_dict, written from its naming scheme."""
     keys = {"conv1.weight": (widths[0], 3, 3, 3), **_bn("bn1", widths[0])}
     n = (depth - 2) // 6
@@ -192,7 +211,7 @@ def _repdistiller_resnet_keys(depth: int, widths: list[int], classes: int = 100)
     return keys
 
 
-def _repdistiller_wrn_keys(depth: int, k: int, classes: int = 100) -> dict[str, tuple[int, ...]]:
+def _repdistiller_wrn_keys(depth: int, k: int, classes: int = 100) -> Shapes:
     """Key -> shape of RepDistiller's WideResNet state_dict."""
     widths = [16, 16 * k, 32 * k, 64 * k]
     keys = {"conv1.weight": (16, 3, 3, 3)}
@@ -212,9 +231,9 @@ def _repdistiller_wrn_keys(depth: int, k: int, classes: int = 100) -> dict[str, 
     return keys
 
 
-def _repdistiller_vgg_keys(cfg: list[list[int]], classes: int = 100) -> dict[str, tuple[int, ...]]:
+def _repdistiller_vgg_keys(cfg: list[list[int]], classes: int = 100) -> Shapes:
     """Key -> shape of RepDistiller's vggN_bn: conv at index 3j, BN at 3j+1 in each block."""
-    keys: dict[str, tuple[int, ...]] = {}
+    keys: Shapes = {}
     cin = 3
     for bi, widths in enumerate(cfg):
         for j, c in enumerate(widths):
@@ -237,7 +256,7 @@ FULL_KEYSETS = {
 }
 
 # Spot checks for the families whose full layout is long to spell out.
-SPOT_KEYS: dict[str, dict[str, tuple[int, ...]]] = {
+SPOT_KEYS: dict[str, Shapes] = {
     "resnet8x4": {
         "conv1.weight": (32, 3, 3, 3),
         "layer1.0.downsample.0.weight": (64, 32, 1, 1),
@@ -252,7 +271,12 @@ SPOT_KEYS: dict[str, dict[str, tuple[int, ...]]] = {
         "bn1.weight": (128,),
         "fc.weight": (100, 128),
     },
-    "vgg13": {"block0.0.weight": (64, 3, 3, 3), "block0.4.running_var": (64,), "block4.3.bias": (512,), "classifier.weight": (100, 512)},
+    "vgg13": {
+        "block0.0.weight": (64, 3, 3, 3),
+        "block0.4.running_var": (64,),
+        "block4.3.bias": (512,),
+        "classifier.weight": (100, 512),
+    },
     "MobileNetV2": {
         "conv1.0.weight": (16, 3, 3, 3),
         "conv1.1.weight": (16,),
@@ -290,7 +314,7 @@ SPOT_KEYS: dict[str, dict[str, tuple[int, ...]]] = {
 }
 
 
-def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+def _shapes(model: nn.Module) -> Shapes:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -305,10 +329,11 @@ def test_state_dict_spot_keys(name: str) -> None:
     for key, shape in SPOT_KEYS[name].items():
         assert shapes.get(key) == shape, key
     # Parameter-free modules (pools, shuffles, ReLUs) must leave no keys behind.
-    assert not any(k.split(".")[-1] not in {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"} for k in shapes)
+    leaves = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+    assert {k.rsplit(".", 1)[-1] for k in shapes} <= leaves
 
 
-def _fake_checkpoint(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+def _fake_checkpoint(shapes: Shapes) -> dict[str, torch.Tensor]:
     """A state_dict with RepDistiller's names and plausible values (positive BN variances)."""
     g = torch.Generator().manual_seed(1)
     sd: dict[str, torch.Tensor] = {}
@@ -335,10 +360,10 @@ def test_repdistiller_checkpoint_loads_strictly(name: str, tmp_path: Path) -> No
         assert torch.equal(value, sd[key]), key
 
 
-@pytest.mark.parametrize("name", ["resnet8x4", "ShuffleV2", "MobileNetV2", "wrn_40_1"])
+@pytest.mark.parametrize("name", ["resnet8x4", "ShuffleV2", "MobileNetV2", "wrn_16_1"])
 def test_state_dict_round_trip(name: str, tmp_path: Path) -> None:
     src = create_model(name).train()
-    src(torch.randn(4, 3, 32, 32))  # move BN running stats off their defaults
+    src(torch.randn(2, 3, 32, 32))  # move BN running stats off their defaults
     src.eval()
     path = tmp_path / "ckpt.pth"
     torch.save({"model": src.state_dict()}, path)
@@ -353,7 +378,7 @@ def test_state_dict_round_trip(name: str, tmp_path: Path) -> None:
 # --- Deployment paths ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["resnet8", "ShuffleV2", "wrn_16_1"])
+@pytest.mark.parametrize("name", ["resnet8", "ShuffleV2"])
 def test_torch_export(name: str) -> None:
     model = _eval_model(name)
     x = torch.randn(2, 3, 32, 32)
@@ -362,11 +387,13 @@ def test_torch_export(name: str) -> None:
         torch.testing.assert_close(program.module()(x), model(x))
 
 
-@pytest.mark.parametrize("name", ["resnet8", "ShuffleV2", "MobileNetV2"])
-def test_channels_last_bf16(name: str) -> None:
+# bf16 depthwise/grouped convs are very slow on CPUs without native bf16 (AVX2 only), so the
+# shuffle/mobile models run this check on small inputs.
+@pytest.mark.parametrize(("name", "size"), [("resnet8", 32), ("ShuffleV2", 16), ("MobileNetV2", 16)])
+def test_channels_last_bf16(name: str, size: int) -> None:
     model = create_model(name).eval().to(memory_format=torch.channels_last)
-    x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, size, size).to(memory_format=torch.channels_last)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x, features=True)
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
-    assert out.stages[0].is_contiguous(memory_format=torch.channels_last)
+    assert all(s.is_contiguous(memory_format=torch.channels_last) for s in out.stages if s.shape[-1] > 1)

@@ -125,7 +125,7 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any] | None:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CacheError(f"{path}: manifest is not valid JSON ({exc}); rebuild with --rebuild-cache") from None
-    for name in ("key", "fields", "layout", "shards", "complete"):
+    for name in ("key", "fields", "tensors", "layout", "shards", "complete"):
         if not isinstance(manifest, dict) or name not in manifest:
             raise CacheError(f"{path}: manifest has no field {name!r}; rebuild with --rebuild-cache")
     return manifest

@@ -76,7 +76,8 @@ class CifarResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(widths[0])
         in_planes = widths[0]
         for idx, (planes, stride) in enumerate(zip(widths[1:], (1, 2, 2)), start=1):
-            blocks = [BasicBlock(in_planes if i == 0 else planes, planes, stride if i == 0 else 1) for i in range(n)]
+            blocks = [BasicBlock(in_planes, planes, stride)]
+            blocks += [BasicBlock(planes, planes) for _ in range(n - 1)]
             self.add_module(f"layer{idx}", nn.Sequential(*blocks))
             in_planes = planes
         self.fc = nn.Linear(widths[3], num_classes)

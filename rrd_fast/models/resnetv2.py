@@ -54,7 +54,8 @@ class ResNetV2(nn.Module):
         self.bn1 = nn.BatchNorm2d(64)
         in_planes = 64
         channels = []
-        for idx, (planes, n, stride) in enumerate(zip((64, 128, 256, 512), num_blocks, (1, 2, 2, 2)), start=1):
+        plan = zip((64, 128, 256, 512), num_blocks, (1, 2, 2, 2))
+        for idx, (planes, n, stride) in enumerate(plan, start=1):
             blocks = []
             for i in range(n):
                 blocks.append(Bottleneck(in_planes, planes, stride if i == 0 else 1))

@@ -24,7 +24,10 @@ _STEM = 24
 
 
 class ShuffleUnit(nn.Module):
-    """Grouped 1x1 - shuffle - depthwise 3x3 - grouped 1x1, added to (or, strided, concatenated with) the input."""
+    """Grouped 1x1 - shuffle - depthwise 3x3 - grouped 1x1, then added to the input.
+
+    A strided unit instead concatenates an average-pooled copy of the input.
+    """
 
     def __init__(self, in_planes: int, out_planes: int, stride: int, groups: int) -> None:
         super().__init__()
@@ -71,7 +74,10 @@ class ShuffleNetV1(nn.Module):
             units = []
             for i in range(n):
                 # The strided unit only produces the channels the pooled shortcut does not bring.
-                units.append(ShuffleUnit(in_planes, planes - in_planes if i == 0 else planes, 2 if i == 0 else 1, groups))
+                if i == 0:
+                    units.append(ShuffleUnit(in_planes, planes - in_planes, 2, groups))
+                else:
+                    units.append(ShuffleUnit(planes, planes, 1, groups))
                 in_planes = planes
             self.add_module(f"layer{idx}", nn.Sequential(*units))
         self.linear = nn.Linear(in_planes, num_classes)

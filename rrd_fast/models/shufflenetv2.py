@@ -54,7 +54,8 @@ class DownUnit(nn.Module):
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         mid = out_channels // 2
-        self.conv1 = nn.Conv2d(in_channels, in_channels, 3, stride=2, padding=1, groups=in_channels, bias=False)
+        c = in_channels
+        self.conv1 = nn.Conv2d(c, c, 3, stride=2, padding=1, groups=c, bias=False)
         self.bn1 = nn.BatchNorm2d(in_channels)
         self.conv2 = nn.Conv2d(in_channels, mid, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(mid)
@@ -87,7 +88,8 @@ class ShuffleNetV2(nn.Module):
         self.bn1 = nn.BatchNorm2d(_STEM)
         prev = _STEM
         for idx, (c, n) in enumerate(zip(out_channels[:3], num_blocks), start=1):
-            self.add_module(f"layer{idx}", nn.Sequential(DownUnit(prev, c), *[SplitUnit(c) for _ in range(n)]))
+            units = [DownUnit(prev, c)] + [SplitUnit(c) for _ in range(n)]
+            self.add_module(f"layer{idx}", nn.Sequential(*units))
             prev = c
         self.conv2 = nn.Conv2d(prev, out_channels[3], 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels[3])

@@ -57,9 +57,9 @@ class WideGroup(nn.Module):
 
     def __init__(self, n: int, in_planes: int, out_planes: int, stride: int) -> None:
         super().__init__()
-        self.layer = nn.Sequential(
-            *[WideBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1) for i in range(n)]
-        )
+        blocks = [WideBlock(in_planes, out_planes, stride)]
+        blocks += [WideBlock(out_planes, out_planes, 1) for _ in range(n - 1)]
+        self.layer = nn.Sequential(*blocks)
 
     def from_activated(self, x: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         """Run the group when the first block's `relu(bn1(x))` is already known."""

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# GPU checks: the gpu-marked tests and GPU benchmarks, one section per area. Run on a
+# machine with an NVIDIA GPU after scripts/setup.sh. Each section is self-contained.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+
+# pipelines
+# DALI with a GPU-resident source and nvJPEG ("mixed") decode, half-precision outputs; then
+# the GPU benchmark: 32x32 in-memory arrays (target >= 1M img/s) and 224x224 random-resized
+# crops from JPEG (target >= 20k img/s), recorded in the auto table. About a minute.
+"$PY" -m pytest -q -m gpu tests/test_dali_arrays.py tests/test_dali_files.py tests/test_dali_train.py
+"$PY" -m pipelines.bench --device cuda --sections arrays,jpeg224 --repeats 3 --warmup 3 --batch 256 --array-batch 1024 \
+    --batches 40 --workers 8 --jpeg224-images 4096 --write-auto-table
+if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then cp pipelines/auto_backend.json "$OUT/auto_backend.json"; fi
+
+# export
+# Exporters on the GPU (Torch-TensorRT fp32/fp16/int8, ONNX Runtime CUDA provider, AOTInductor
+# on CUDA, eager fp16), then the GPU bench: a randomly initialised resnet8x4 on a synthetic
+# CIFAR-100 split, TensorRT fp16 against eager fp16 at batch 1 and 256. Without torch_tensorrt
+# the bench falls back to ONNX Runtime (CUDA provider) and AOTInductor. About two minutes.
+(
+    EXPORT_TMP=$(mktemp -d)
+    trap 'rm -rf "$EXPORT_TMP"' EXIT
+    "$PY" -m pytest -q -m gpu tests/test_export_gpu.py
+    "$PY" - "$EXPORT_TMP" <<'PYEOF'
+import sys
+from pathlib import Path
+
+import torch
+
+from pipelines.synthetic import write_cifar100
+from rrd_fast.checkpoint import write_model_checkpoint
+from rrd_fast.models import create_model
+
+root = Path(sys.argv[1])
+data = write_cifar100(root / "cifar", n_train=512, n_test=2000)
+torch.manual_seed(0)
+write_model_checkpoint(root / "resnet8x4", create_model("resnet8x4", num_classes=100, in_channels=3).eval(), {
+    "arch": "resnet8x4", "num_classes": 100, "in_channels": 3, "image_size": 32,
+    "normalization": {"mean": [0.5071, 0.4867, 0.4408], "std": [0.2675, 0.2565, 0.2761]},
+    "dataset": {"format": "cifar100", "root": str(data)},
+    "method": {"name": "random-init", "gamma": 1.0, "alpha": 0.0, "beta": 0.0, "options": {}},
+})
+PYEOF
+    if "$PY" -c "import torch_tensorrt" >/dev/null 2>&1; then
+        EXPORT_BACKENDS=eager,tensorrt
+    else
+        echo "export: torch_tensorrt is not importable here; benchmarking onnxruntime (CUDA) and aotinductor instead"
+        EXPORT_BACKENDS=eager,onnxruntime,aotinductor
+    fi
+    "$PY" -m export.bench "$EXPORT_TMP/resnet8x4" --device cuda --backends "$EXPORT_BACKENDS" --precisions fp16 \
+        --batch-sizes 1,256 --skip-unsupported --warmup 20 --iters 200 --budget 2 --out "$EXPORT_TMP/bench"
+    cat "$EXPORT_TMP/bench/bench.md"
+    if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then
+        mkdir -p "$OUT/export"
+        cp "$EXPORT_TMP"/bench/bench.{json,md,png} "$OUT/export/"
+    fi
+)

@@ -1,0 +1,306 @@
+"""Teacher feature cache: cached outputs equal the online teacher's for the same (index,
+view); distilling from an fp32 cache reproduces the online run exactly; mismatched
+manifests, corrupt shards and interrupted builds are handled."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.synthetic import write_cifar100
+from rrd_fast.cache import CacheError, CachedTeacher, build_cache, open_cached_teacher, read_manifest
+from rrd_fast.cache.__main__ import main as cache_main
+from rrd_fast.cache.shards import CacheReader
+from rrd_fast.checkpoint import write_model_checkpoint
+from rrd_fast.cli import run_cli
+from rrd_fast.config import load_config
+from rrd_fast.data import build_data
+from rrd_fast.models import create_model
+from rrd_fast.teacher import load_teacher
+
+N_TRAIN = 128
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _teacher_ckpt(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    model = create_model("resnet8", num_classes=100, in_channels=3)
+    with torch.no_grad():  # non-trivial BN statistics, so eval-mode outputs are not a plain rescaling
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    write_model_checkpoint(path, model, {"arch": "resnet8", "num_classes": 100, "in_channels": 3, "image_size": 32,
+                                         "normalization": {"mean": [0.5071, 0.4867, 0.4408], "std": [0.2675, 0.2565, 0.2761]}})
+    return path
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("cache")
+    write_cifar100(base / "data", N_TRAIN, 32, seed=3)
+    return {"base": base, "data": base / "data", "teacher": _teacher_ckpt(base / "teacher", 1),
+            "teacher2": _teacher_ckpt(base / "teacher2", 2)}
+
+
+def _overrides(env: dict[str, Path], cache: Path, *extra: str) -> list[str]:
+    return [f"data.root={env['data']}", "data.batch_size=32", "data.eval_limit=32", f"teacher.checkpoint={env['teacher']}",
+            f"teacher.cache={cache}", "teacher.cache_views=2", "teacher.cache_shard_samples=50",
+            "teacher.cache_batch_size=32", "method.name=rrd", "method.alpha=1", "method.beta=1",
+            "method.options={rrd: {queue_size: 128}}", "student.arch=resnet8", "train.progress=false", *extra]
+
+
+def _cfg(env: dict[str, Path], cache: Path, *extra: str):
+    return load_config(None, _overrides(env, cache, *extra))
+
+
+@pytest.fixture(scope="module")
+def fp32_cache(env: dict[str, Path]) -> Path:
+    cache = env["base"] / "fp32"
+    build_cache(_cfg(env, cache, "teacher.cache_dtype=fp32"), log=lambda _: None)
+    return cache
+
+
+def _online_and_cached(cfg, views_and_indices):
+    """Online teacher outputs and cached ones (through CachedTeacher) for the same batches."""
+    data = build_data(cfg.data, cfg.seed, 0, 1, torch.device("cpu"))
+    model, meta = load_teacher(cfg.teacher.checkpoint, "", 100, 3)
+    cached = open_cached_teacher(cfg, model, meta, data.train, "cpu", ("logits", "pooled"))
+    model = model.to(memory_format=torch.channels_last)
+    pairs = []
+    for view, index in views_and_indices:
+        batch = data.train.batch_for(index, view)
+        images = batch.images.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            online = model(images, features=True)
+        pairs.append((online, cached(batch, images)))
+    cached.close()
+    return pairs
+
+
+def _random_batches(seed: int = 0) -> list[tuple[int, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [(v, rng.choice(N_TRAIN, 32, replace=False)) for v in (0, 1, 1)]
+
+
+def test_fp32_cache_equals_online_teacher_bit_exactly(env, fp32_cache):
+    manifest = read_manifest(fp32_cache)
+    assert manifest["complete"] and len(manifest["shards"]) == 6  # 2 views × 3 row ranges: gathers cross shards
+    for online, cached in _online_and_cached(_cfg(env, fp32_cache, "teacher.cache_dtype=fp32"), _random_batches()):
+        assert cached.logits.dtype == torch.float32
+        assert torch.equal(cached.logits, online.logits)
+        assert torch.equal(cached.pooled, online.pooled)
+
+
+@pytest.mark.parametrize("dtype,rtol", [("fp16", 2.0**-11), ("bf16", 2.0**-8)])
+def test_half_caches_equal_online_within_rounding(env, dtype, rtol):
+    cache = env["base"] / dtype
+    cfg = _cfg(env, cache, f"teacher.cache_dtype={dtype}")
+    build_cache(cfg, log=lambda _: None)
+    for online, cached in _online_and_cached(cfg, _random_batches(1)):
+        for got, want in ((cached.logits, online.logits), (cached.pooled, online.pooled)):
+            assert not torch.equal(got, want)  # really stored at lower precision
+            torch.testing.assert_close(got, want, rtol=rtol, atol=1e-6)
+
+
+def _train(env, name: str, cache: str, *extra: str):
+    from rrd_fast.trainer import Trainer
+
+    cfg = load_config(None, _overrides(env, Path(cache), f"output_dir={env['base'] / 'runs'}", f"name={name}",
+                                       "optim.epochs=2", "teacher.cache_dtype=fp32", *extra))
+    if not cache:
+        cfg.teacher.cache = ""
+    trainer = Trainer(cfg)
+    trainer.fit()
+    return trainer
+
+
+def test_distillation_from_fp32_cache_matches_online_teacher(env, fp32_cache):
+    online = _train(env, "online", "")
+    cached = _train(env, "cached", str(fp32_cache))
+    assert isinstance(cached.teacher, CachedTeacher)
+    keys = [k for k in online.state.history[0] if k.startswith("loss") or k.startswith("top") or k == "train_top1"]
+    assert {"loss_ce", "loss_kd", "loss_rrd"} <= set(keys)
+    for a, b in zip(online.state.history, cached.state.history, strict=True):
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+    want, got = online.unwrapped.state_dict(), cached.unwrapped.state_dict()
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    cached.teacher.close()
+
+
+def test_epochs_beyond_views_replay_view_e_mod_v(env, fp32_cache):
+    cfg = _cfg(env, fp32_cache, "teacher.cache_dtype=fp32")
+    data = build_data(cfg.data, cfg.seed, 0, 1, torch.device("cpu"))
+    model, meta = load_teacher(cfg.teacher.checkpoint, "", 100, 3)
+    teacher = open_cached_teacher(cfg, model, meta, data.train, "cpu")
+    pipe = teacher.wrap(data.train)
+    model = model.to(memory_format=torch.channels_last)
+    batches = list(pipe.epoch(3, start_step=1))
+    assert len(batches) == len(pipe) - 1
+    plan = data.train.sampler.batches(3)[1:]
+    assert not np.array_equal(plan[0], data.train.sampler.batches(1)[1])  # the order still changes per epoch
+    for step, batch in enumerate(pipe.epoch(3, start_step=1)):
+        assert batch.epoch == 1  # view 3 mod 2
+        np.testing.assert_array_equal(batch.index.numpy(), plan[step])
+        again = data.train.batch_for(plan[step], 1)
+        assert torch.equal(batch.images, again.images)
+        out = teacher(batch, batch.images.contiguous(memory_format=torch.channels_last))
+        with torch.no_grad():
+            ref = model(again.images.contiguous(memory_format=torch.channels_last), features=True)
+        assert torch.equal(out.logits, ref.logits) and torch.equal(out.pooled, ref.pooled)
+    teacher.close()
+
+
+@pytest.mark.parametrize("change,field", [
+    ("seed=5", "augmentation.seed"),
+    ("teacher.cache_views=3", "views"),
+    ("data.train_limit=100", "dataset.num_samples"),
+    ("data.pad=2", "augmentation.spec.pad"),
+    ("teacher.cache_dtype=fp16", "dtype"),
+    ("train.mixed_precision=bf16", "precision"),
+])
+def test_manifest_mismatch_is_refused_naming_the_field(env, fp32_cache, change, field):
+    cfg = _cfg(env, fp32_cache, "teacher.cache_dtype=fp32", change)
+    with pytest.raises(CacheError) as err:
+        build_cache(cfg)
+    msg = str(err.value)
+    assert "\n" not in msg and f"{field}:" in msg and "--rebuild-cache" in msg, msg
+
+
+def test_other_teacher_refused_by_cli_then_rebuilt(env, fp32_cache, capsys):
+    cache = env["base"] / "rebuild"
+    shutil.copytree(fp32_cache, cache)
+    args = ["build", *_overrides(env, cache, "teacher.cache_dtype=fp32", f"teacher.checkpoint={env['teacher2']}")]
+    assert run_cli(lambda: cache_main(args)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "teacher.sha256:" in err and str(cache / "manifest.json") in err, err
+    assert run_cli(lambda: cache_main(["build", "--rebuild-cache", *args[1:]])) == 0
+    manifest = read_manifest(cache)
+    assert manifest["complete"]
+    assert manifest["key"]["teacher"]["sha256"] == json.loads((env["teacher2"] / "model.json").read_text())["sha256"]
+    assert manifest["shards"] != read_manifest(fp32_cache)["shards"]
+
+
+def test_truncated_and_corrupt_shards_are_detected(env, fp32_cache, capsys):
+    cfg_args = ("teacher.cache_dtype=fp32",)
+    shard = "view-0001.rows-00000050.safetensors"
+    # Same size, one flipped byte in the data region: only the checksum can tell.
+    flipped = env["base"] / "flipped"
+    shutil.copytree(fp32_cache, flipped)
+    raw = bytearray((flipped / shard).read_bytes())
+    raw[-5] ^= 0x40
+    (flipped / shard).write_bytes(bytes(raw))
+    cfg = _cfg(env, flipped, *cfg_args)
+    data = build_data(cfg.data, cfg.seed, 0, 1, torch.device("cpu"))
+    model, meta = load_teacher(cfg.teacher.checkpoint, "", 100, 3)
+    teacher = open_cached_teacher(cfg, model, meta, data.train, "cpu")
+    batch = data.train.batch_for(np.arange(32), 0)
+    teacher(batch, batch.images)  # view 0 is intact
+    batch = data.train.batch_for(np.arange(32), 1)
+    with pytest.raises(CacheError, match=f"{shard}: cache shard checksum .* corrupt"):
+        teacher(batch, batch.images)
+    teacher.close()
+    assert run_cli(lambda: cache_main(["verify", str(flipped)])) == 2
+    assert "checksum" in capsys.readouterr().err
+    # Truncated: refused when the run opens the cache, before any read.
+    truncated = env["base"] / "truncated"
+    shutil.copytree(fp32_cache, truncated)
+    with open(truncated / shard, "r+b") as fh:
+        fh.truncate(1000)
+    cfg = _cfg(env, truncated, *cfg_args)
+    with pytest.raises(CacheError, match=f"{shard}: cache shard is 1000 bytes, manifest says \\d+ .*truncated"):
+        open_cached_teacher(cfg, model, meta, data.train, "cpu")
+
+
+_KILLER = """
+import os, signal, sys
+from rrd_fast.cache import build_cache
+from rrd_fast.config import load_config
+phase, shard = sys.argv[1], int(sys.argv[2])
+def fault(p, i):
+    if (p, i) == (phase, shard):
+        os.kill(os.getpid(), signal.SIGKILL)
+build_cache(load_config(None, sys.argv[3:]), fault=fault)
+"""
+
+
+def _assert_same_cache(a: Path, b: Path) -> None:
+    ma, mb = read_manifest(a), read_manifest(b)
+    assert ma["complete"] and mb["complete"]
+    assert ma["shards"] == mb["shards"]
+    for name in ma["shards"]:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+
+
+@pytest.mark.parametrize("phase,shard", [("tmp_written", 2), ("renamed", 4)])
+def test_build_killed_mid_shard_resumes_to_the_same_cache(env, fp32_cache, phase, shard):
+    cache = env["base"] / f"killed-{phase}"
+    overrides = _overrides(env, cache, "teacher.cache_dtype=fp32")
+    envvars = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", _KILLER, phase, str(shard), *overrides], env=envvars,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    manifest = read_manifest(cache)
+    assert not manifest["complete"] and len(manifest["shards"]) == shard
+    leftovers = [p.name for p in cache.iterdir() if p.name != "manifest.json" and p.name not in manifest["shards"]]
+    assert leftovers, "the kill should leave a half-finished shard behind"
+    cfg = load_config(None, overrides)
+    with pytest.raises(CacheError, match="never completed"):
+        CacheReader(cache, manifest)
+    with pytest.raises(CacheError, match="no complete teacher cache"):
+        model, meta = load_teacher(cfg.teacher.checkpoint, "", 100, 3)
+        open_cached_teacher(cfg, model, meta, None, "cpu", may_build=False)
+    build_cache(cfg, log=lambda _: None)
+    _assert_same_cache(cache, fp32_cache)
+
+
+def test_build_interrupted_by_an_error_resumes(env, fp32_cache):
+    cache = env["base"] / "raised"
+    cfg = _cfg(env, cache, "teacher.cache_dtype=fp32")
+
+    def fault(phase: str, index: int) -> None:
+        if (phase, index) == ("recorded", 1):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(cfg, fault=fault)
+    assert len(read_manifest(cache)["shards"]) == 2
+    built = []
+    build_cache(cfg, log=built.append)
+    assert "resuming" in built[0] and "built 4 shards" in built[1]
+    _assert_same_cache(cache, fp32_cache)
+
+
+@pytest.mark.gpu
+def test_cuda_cache_serves_prefetched_rows_on_device(env, tmp_path):
+    """CUDA path: build on the GPU, pinned prefetch + non-blocking copies, outputs close to the online teacher."""
+    cfg = _cfg(env, tmp_path / "cuda", "teacher.cache_dtype=fp16")
+    device = torch.device("cuda")
+    data = build_data(cfg.data, cfg.seed, 0, 1, device)
+    model, meta = load_teacher(cfg.teacher.checkpoint, "", 100, 3)
+    teacher = open_cached_teacher(cfg, model, meta, data.train, device)
+    assert next(model.parameters()).device.type == "cpu"  # the caller's teacher never moved
+    pipe = teacher.wrap(data.train)
+    online = model.to(device, memory_format=torch.channels_last)
+    for batch in pipe.epoch(3):
+        assert batch.epoch == 1
+        images = batch.images.contiguous(memory_format=torch.channels_last)
+        out = teacher(batch, images)
+        assert out.logits.device.type == "cuda" and out.logits.dtype == torch.float32
+        with torch.no_grad():
+            ref = online(images, features=True)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(out.pooled, ref.pooled, rtol=2e-3, atol=2e-3)
+    teacher.close()

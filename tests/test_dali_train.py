@@ -1,0 +1,120 @@
+"""Training through DALI matches training through the torch pipeline, `auto` follows the
+measured table, and the benchmark command runs and writes that table."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipelines.backends import AUTO_TABLE, FALLBACK_BACKEND, load_auto_table, resolve_backend
+from pipelines.bench import main as bench_main
+from pipelines.errors import DataError
+from pipelines.formats import get_format
+from pipelines.synthetic import write_cifar100
+from rrd_fast.config import load_config
+from rrd_fast.trainer import Trainer
+
+
+def _train(data: Path, out: Path, pipeline: str) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    cfg = load_config(None, [
+        f"name={pipeline}", f"output_dir={out}", "seed=3", "data.format=cifar100", f"data.root={data}",
+        f"data.pipeline={pipeline}", "data.batch_size=32", "data.eval_batch_size=50", "data.train_limit=32",
+        "data.eval_limit=50", "student.arch=resnet8", "method.name=vanilla",  # train.mixed_precision defaults to "no" (fp32)
+        "train.progress=false", "train.channels_last=false", "train.eval_every=4", "train.save_every=4",
+        "optim.epochs=4",
+    ])
+    trainer = Trainer(cfg)
+    assert trainer.data.backend == pipeline
+    trainer.fit()
+    history = [json.loads(ln) for ln in (out / pipeline / "metrics.jsonl").read_text().splitlines()]
+    return history, load_file(str(out / pipeline / "model.safetensors"))
+
+
+def test_dali_training_matches_torch_loss_trajectory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """resnet8 on CIFAR-100 files, fp32, same seed, one step per epoch (so metrics.jsonl is the
+    per-step loss trajectory): same losses, accuracies and final weights with either pipeline."""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # deterministic kernels, also on GPU machines
+    data = write_cifar100(tmp_path / "data", n_train=40, n_test=50, seed=0)
+    torch_hist, torch_w = _train(data, tmp_path / "runs", "torch")
+    dali_hist, dali_w = _train(data, tmp_path / "runs", "dali")
+    assert len(torch_hist) == len(dali_hist) == 4
+    for a, b in zip(torch_hist, dali_hist):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["loss"], b["loss"])
+        assert a["train_top1"] == b["train_top1"] and a.get("top1") == b.get("top1")
+    assert "top1" in dali_hist[-1]
+    assert torch_hist[0]["loss"] != torch_hist[-1]["loss"]  # it did train
+    assert torch_w.keys() == dali_w.keys()
+    for name in torch_w:
+        assert (torch_w[name].float() - dali_w[name].float()).abs().max().item() <= 1e-4, name
+
+
+# ---------------------------------------------------------------------------------------
+# auto
+# ---------------------------------------------------------------------------------------
+
+def _table(path: Path, entries: dict) -> Path:
+    path.write_text(json.dumps({"entries": entries}))
+    return path
+
+
+def test_auto_follows_the_measured_table(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    table = _table(tmp_path / "t.json", {
+        "array/cpu": {"backend": "torch", "img_s": {"torch": 190000, "dali": 85000}, "machine": "test"},
+        "files/cpu": {"backend": "dali", "img_s": {"torch": 900, "dali": 2100}, "machine": "test"},
+    })
+    cifar, tiny = get_format("cifar100"), get_format("tiny_imagenet")
+    with caplog.at_level(logging.INFO, logger="pipelines.backends"):
+        assert resolve_backend("auto", cifar, "cpu", table=table) == "torch"
+        assert resolve_backend("auto", tiny, torch.device("cpu"), table=table) == "dali"
+        assert resolve_backend("auto", tiny, "cuda", table=table) == FALLBACK_BACKEND  # nothing measured on GPUs
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("dali" in m and "2,100 img/s" in m for m in logged)
+    assert any("no measurement for files/cuda" in m for m in logged)
+    assert resolve_backend("dali", cifar, "cpu", table=table) == "dali"  # explicit choices pass through
+
+
+def test_auto_table_errors_name_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(DataError, match=str(bad)):
+        resolve_backend("auto", get_format("cifar100"), "cpu", table=bad)
+    assert resolve_backend("auto", get_format("cifar100"), "cpu", table=tmp_path / "absent.json") == FALLBACK_BACKEND
+
+
+def test_shipped_table_has_cpu_measurements() -> None:
+    entries = load_auto_table(AUTO_TABLE)["entries"]
+    for key in ("array/cpu", "files/cpu"):
+        entry = entries[key]
+        assert entry["backend"] in ("torch", "dali")
+        assert entry["backend"] == max(entry["img_s"], key=entry["img_s"].get)
+
+
+def test_bench_runs_and_writes_the_auto_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A miniature run of `python -m pipelines.bench` (figures printed, not asserted)."""
+    table = tmp_path / "auto.json"
+    _table(table, {"files/cuda": {"backend": "dali", "img_s": {"dali": 1, "torch": 0}}})
+    rc = bench_main(["--repeats", "1", "--batches", "1", "--batch", "32", "--array-images", "128",
+                     "--jpeg-images", "100", "--workers", "1", "--data-dir", str(tmp_path / "data"),
+                     "--write-auto-table", str(table)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    for label in ("torch ArrayPipeline", "per-sample DataLoader", "per-sample Pillow DataLoader", "ratio dali / torch"):
+        assert label in out
+    entries = json.loads(table.read_text())["entries"]
+    assert set(entries) == {"array/cpu", "files/cpu", "files/cuda"}  # other device types kept
+    for key in ("array/cpu", "files/cpu"):
+        assert set(entries[key]["img_s"]) == {"torch", "dali"}
+
+
+@pytest.mark.gpu
+def test_gpu_training_through_dali(tmp_path: Path) -> None:
+    """On a GPU the DALI pipeline's batches are born on the device and training runs end to end."""
+    data = write_cifar100(tmp_path / "data", n_train=40, n_test=50, seed=0)
+    history, weights = _train(data, tmp_path / "runs", "dali")
+    assert len(history) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in history)
+    assert "top1" in history[-1] and weights

@@ -1,0 +1,404 @@
+"""Export and deployment benchmark, for real: ONNX Runtime sessions, AOTInductor packages, eager.
+
+One tiny student (resnet8, 1×28×28, 10 classes, briefly trained on a synthetic
+Fashion-MNIST written in the real IDX layout) is benchmarked once per module; that run
+exports every CPU artifact, and the other tests load those artifacts back.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export import ExportError, export_checkpoint, get_backend, list_backends, load_artifact
+from export.bench import main as bench_main
+from export.cli import run_cli
+from export.data import ImageSet, data_source
+from export.report import COLUMNS, cell, pareto_front, render_png, write_reports
+from export.timing import measure
+from pipelines.errors import DataError
+from pipelines.formats import read_split
+from pipelines.synthetic import write_fashion_mnist, write_tiny_imagenet
+from rrd_fast.checkpoint import read_model_checkpoint, write_model_checkpoint
+from rrd_fast.models import create_model
+
+REPO = Path(__file__).resolve().parents[1]
+MEAN, STD = 0.2860, 0.3530
+BATCH_SIZES = "1,4"
+
+
+def _train_briefly(data: Path) -> torch.nn.Module:
+    """A few optimiser steps plus exact BatchNorm statistics: predictions that differ per image."""
+    split = read_split("fashion_mnist", data, "train")
+    x = (torch.from_numpy(split.images).permute(0, 3, 1, 2).float() / 255 - MEAN) / STD
+    y = torch.from_numpy(split.labels)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = create_model("resnet8", num_classes=10, in_channels=1)
+        opt = torch.optim.Adam(model.parameters(), 1e-2)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(15):
+            i = torch.randperm(len(y), generator=g)[:32]
+            loss = torch.nn.functional.cross_entropy(model(x[i]), y[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None
+        with torch.no_grad():
+            model(x)
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("export")
+    data = write_fashion_mnist(root / "fmnist", n_train=96, n_test=40)
+    model = _train_briefly(data)
+    write_model_checkpoint(root / "student", model, {
+        "arch": "resnet8", "num_classes": 10, "in_channels": 1, "image_size": 28,
+        "normalization": {"mean": [MEAN], "std": [STD]},
+        "dataset": {"format": "fashion_mnist", "root": str(data)},
+        "method": {"name": "kd", "gamma": 0.1, "alpha": 0.9, "beta": 0.0, "options": {}},
+        "teacher": None, "top1_final": None, "top1_best": None,
+    })
+    return root / "student"
+
+
+@pytest.fixture(scope="module")
+def bench(student: Path) -> Path:
+    """The real benchmark CLI over eager, ONNX Runtime and AOTInductor (it exports all three)."""
+    out = student.parent / "bench"
+    code = run_cli(lambda: bench_main([
+        str(student), "--backends", "eager,onnxruntime,aotinductor", "--batch-sizes", BATCH_SIZES,
+        "--warmup", "1", "--iters", "3", "--eval-batch-size", "16", "--out", str(out),
+    ]))
+    assert code == 0
+    return out
+
+
+def _artifact_dir(bench: Path, backend: str, precision: str = "fp32") -> Path:
+    found = [p.parent for p in (bench / "artifacts").glob(f"*/{backend}-{precision}-cpu/artifact.json")]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _eval_images(student: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The evaluation split decoded and normalised independently of export's data module."""
+    meta = json.loads((student / "model.json").read_text())
+    split = read_split("fashion_mnist", meta["dataset"]["root"], "test")
+    x = (split.images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0 - MEAN) / STD
+    return np.ascontiguousarray(x, dtype=np.float32), split.labels
+
+
+# -- registry -------------------------------------------------------------------------------
+
+def test_registry_has_every_backend_and_aliases() -> None:
+    assert list_backends() == ["aotinductor", "eager", "onnxruntime", "tensorrt"]
+    assert get_backend("onnx").name == "onnxruntime" and get_backend("trt").name == "tensorrt"
+    with pytest.raises(ExportError, match="unknown backend 'onnxrt'.*did you mean 'onnxruntime'"):
+        get_backend("onnxrt")
+
+
+# -- artifacts reproduce the torch model ---------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "aotinductor", "eager"])
+def test_fp32_artifact_reproduces_torch_logits(bench: Path, student: Path, backend: str) -> None:
+    model, meta = read_model_checkpoint(student)
+    artifact = load_artifact(_artifact_dir(bench, backend), expect_source_sha=meta["sha256"])
+    x, _ = _eval_images(student)
+    for n in (1, 3, 17):  # any batch size: the batch axis is dynamic
+        images = torch.from_numpy(x[:n])
+        with torch.no_grad():
+            expected = model(images)
+        got = artifact(images)
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_eager_bf16_within_stated_tolerance(student: Path, tmp_path: Path) -> None:
+    """bf16 autocast: max |logit difference| at most 2% of the largest logit, same top-1 on >= 95%."""
+    model, _ = read_model_checkpoint(student)
+    export_checkpoint(student, "eager", tmp_path / "bf16", precision="bf16", batch_sizes=(4,))
+    artifact = load_artifact(tmp_path / "bf16")
+    x = torch.from_numpy(_eval_images(student)[0])
+    with torch.no_grad():
+        expected = model(x)
+    got = artifact(x)
+    assert (got - expected).abs().max().item() <= 0.02 * expected.abs().max().item()
+    assert (got.argmax(1) == expected.argmax(1)).double().mean().item() >= 0.95
+
+
+def test_onnxruntime_int8_within_stated_tolerance(student: Path, tmp_path: Path) -> None:
+    """Static int8 (QDQ, calibrated on the training split).
+
+    Stated tolerance: mean |Δlogit| at most 10% of the mean |logit|, same top-1 on >= 90% of images
+    (single outlier logits can move further, so the maximum is not bounded).
+    """
+    model, meta = read_model_checkpoint(student)
+    sidecar = export_checkpoint(student, "onnxruntime", tmp_path / "int8", precision="int8", batch_sizes=(4,),
+                                calib_samples=64)
+    assert sidecar["calibration"]["split"] == "train" and sidecar["calibration"]["samples"] == 64
+    artifact = load_artifact(tmp_path / "int8")
+    x = torch.from_numpy(_eval_images(student)[0])
+    with torch.no_grad():
+        expected = model(x)
+    got = artifact(x)
+    assert (got - expected).abs().mean().item() <= 0.10 * expected.abs().mean().item()
+    assert (got.argmax(1) == expected.argmax(1)).double().mean().item() >= 0.90
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "int8" / "model.onnx")).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+
+
+# -- the benchmark's numbers ---------------------------------------------------------------
+
+def test_bench_accuracy_equals_independent_top1(bench: Path, student: Path) -> None:
+    """Top-1 recomputed without export's code: raw ORT session, raw AOTI package, the torch model."""
+    import onnxruntime as ort
+
+    report = json.loads((bench / "bench.json").read_text())
+    x, labels = _eval_images(student)
+    model, _ = read_model_checkpoint(student)
+    with torch.no_grad():
+        torch_pred = model(torch.from_numpy(x)).argmax(1).numpy()
+    session = ort.InferenceSession(str(_artifact_dir(bench, "onnxruntime") / "model.onnx"), providers=["CPUExecutionProvider"])
+    ort_pred = session.run(None, {session.get_inputs()[0].name: x})[0].argmax(1)
+    package = torch._inductor.aoti_load_package(str(_artifact_dir(bench, "aotinductor") / "model.pt2"))
+    aoti_pred = package(torch.from_numpy(x)).argmax(1).numpy()
+    expected = {name: 100.0 * float((pred == labels).mean())
+                for name, pred in (("eager", torch_pred), ("onnxruntime", ort_pred), ("aotinductor", aoti_pred))}
+    assert 15.0 < expected["eager"] < 100.0  # a student whose predictions differ per image
+    rows = report["results"]
+    assert {(r["backend"], r["batch_size"]) for r in rows} == {(b, s) for b in expected for s in (1, 4)}
+    for row in rows:
+        assert row["top1"] == pytest.approx(expected[row["backend"]], abs=1e-9)
+        assert row["torch_top1"] == pytest.approx(expected["eager"], abs=1e-9)
+        assert row["n_eval"] == len(labels)
+        assert row["max_abs_logit_diff"] <= 1e-4 and row["top1_agreement"] == 100.0
+        lat = row["latency"]
+        assert lat["iterations"] == 3 and lat["warmup"] == 1 and lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"]
+
+
+def _md_rows(md: str) -> list[list[str]]:
+    lines = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| student")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+
+
+def test_table_and_png_numbers_come_from_json(bench: Path, tmp_path: Path) -> None:
+    report = json.loads((bench / "bench.json").read_text())
+    assert (bench / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = _md_rows((bench / "bench.md").read_text())
+    assert len(rows) == len(report["results"])
+    for md_row, row in zip(rows, report["results"]):
+        assert md_row == [cell(row, key) for _, key in COLUMNS]
+        assert md_row[5] == f"{row['latency']['p50_ms']:.3f}" and md_row[10] == f"{row['top1']:.2f}"
+    # Edit the JSON: the re-rendered table and plot follow it.
+    report["results"][0]["top1"] = 12.345
+    report["results"][0]["latency"]["p50_ms"] = 9.8765
+    edited = tmp_path / "bench.json"
+    edited.write_text(json.dumps(report))
+    md_path, png_path = write_reports(edited)
+    first = _md_rows(md_path.read_text())[0]
+    assert first[5] == "9.877" and first[10] == "12.35"
+    assert png_path.stat().st_size > 10_000
+    fig = render_png(report, tmp_path / "again.png")
+    plotted = set()
+    for ax in fig.axes:
+        for coll in ax.collections:
+            plotted |= {(round(float(a), 6), round(float(b), 6)) for a, b in coll.get_offsets()}
+        labels = {t.get_text() for t in ax.texts}
+        assert labels and all(re.fullmatch(r"resnet8/kd/(eager|onnxruntime|aotinductor)", t) for t in labels)
+    expected = {(round(r["latency"]["p50_ms"], 6), round(r["top1"], 6)) for r in report["results"]}
+    assert plotted == expected
+
+
+def test_pareto_front() -> None:
+    # (latency, accuracy): 1 is slower and worse than 0; 3 ties 2 on accuracy but is slower.
+    points = [(1.0, 70.0), (2.0, 60.0), (3.0, 80.0), (4.0, 80.0), (0.5, 50.0)]
+    assert pareto_front(points) == [4, 0, 2]
+
+
+def test_bench_reuses_matching_artifacts(bench: Path, student: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.copytree(bench / "artifacts", tmp_path / "artifacts")
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "artifacts").rglob("*.onnx")}
+    code = run_cli(lambda: bench_main([str(student), "--backends", "onnxruntime", "--batch-sizes", "1",
+                                       "--warmup", "0", "--iters", "1", "--eval-limit", "8", "--out", str(tmp_path)]))
+    assert code == 0 and "exported" not in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "artifacts").rglob("*.onnx")} == before
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["n_eval"] for r in report["results"]] == [8]
+
+
+def test_timing_excludes_warmup() -> None:
+    calls: list[int] = []
+    lat = measure(lambda x: calls.append(1), torch.zeros(3, 1), warmup=4, iters=6)
+    assert len(calls) == 10 and lat.iterations == 6 and lat.warmup == 4 and lat.batch_size == 3
+    assert lat.timer == "perf_counter" and lat.throughput_ips > 0
+
+
+# -- refusing bad artifacts and bad input ---------------------------------------------------
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_corrupted_onnx_file_is_refused(bench: Path, tmp_path: Path) -> None:
+    folder = _copy(_artifact_dir(bench, "onnxruntime"), tmp_path / "ort")
+    data = bytearray((folder / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(ExportError, match=r"model\.onnx: sha256 .* does not match artifact\.json"):
+        load_artifact(folder)
+
+
+def test_truncated_aoti_package_is_refused(bench: Path, tmp_path: Path) -> None:
+    folder = _copy(_artifact_dir(bench, "aotinductor"), tmp_path / "aoti")
+    pkg = folder / "model.pt2"
+    pkg.write_bytes(pkg.read_bytes()[:1000])
+    with pytest.raises(ExportError, match=r"model\.pt2: sha256"):
+        load_artifact(folder)
+
+
+def test_unreadable_file_with_matching_sidecar_gives_one_line(bench: Path, tmp_path: Path) -> None:
+    """Someone rewrote the sidecar's sha for a broken file: the runtime's own error becomes one line."""
+    from rrd_fast.checkpoint import sha256_file
+
+    folder = _copy(_artifact_dir(bench, "onnxruntime"), tmp_path / "ort")
+    (folder / "model.onnx").write_bytes(b"not an onnx model")
+    meta = json.loads((folder / "artifact.json").read_text())
+    meta["files"][0]["sha256"] = sha256_file(folder / "model.onnx")
+    (folder / "artifact.json").write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match="onnxruntime cannot load this artifact") as info:
+        load_artifact(folder)
+    assert "\n" not in str(info.value)
+
+
+def test_source_checkpoint_mismatch_is_refused(bench: Path) -> None:
+    with pytest.raises(ExportError, match=r"exported from checkpoint sha256 .*\(re-export it\)"):
+        load_artifact(_artifact_dir(bench, "onnxruntime"), expect_source_sha="0" * 64)
+
+
+def test_sidecar_problems_are_one_line(bench: Path, tmp_path: Path) -> None:
+    folder = _copy(_artifact_dir(bench, "eager"), tmp_path / "eager")
+    (folder / "artifact.json").write_text("{not json")
+    with pytest.raises(ExportError, match=r"artifact\.json: not valid JSON"):
+        load_artifact(folder)
+    (folder / "artifact.json").unlink()
+    with pytest.raises(ExportError, match="artifact sidecar not found"):
+        load_artifact(folder)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "aotinductor"])
+def test_wrong_input_size_is_refused(bench: Path, backend: str) -> None:
+    artifact = load_artifact(_artifact_dir(bench, backend))
+    for shape in [(2, 1, 32, 32), (2, 3, 28, 28), (1, 28, 28)]:
+        with pytest.raises(ExportError, match=r"does not fit this artifact, which takes N×1×28×28"):
+            artifact(torch.zeros(shape))
+
+
+def test_file_datasets_evaluate_or_say_not_yet_supported(tmp_path: Path) -> None:
+    root = write_tiny_imagenet(tmp_path, n_classes=2, per_class_train=2, per_class_val=2)
+    meta = {"arch": "resnet8", "num_classes": 200, "in_channels": 3, "image_size": 64,
+            "dataset": {"format": "tiny_imagenet", "root": str(root)}}
+    try:
+        images = ImageSet(data_source(meta), meta)
+        batch = next(images.batches(4))
+    except DataError as exc:
+        assert "not yet supported" in str(exc)
+    else:
+        assert batch.shape[1:] == (3, 64, 64)
+
+
+# -- command lines ---------------------------------------------------------------------------
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_export_cli_writes_artifact_and_sidecar(student: Path, tmp_path: Path) -> None:
+    from export.__main__ import main
+
+    assert run_cli(lambda: main([str(student), "--backend", "eager", "--batch-sizes", "1,8", "--out", str(tmp_path / "a")])) == 0
+    meta = json.loads((tmp_path / "a" / "artifact.json").read_text())
+    source = json.loads((student / "model.json").read_text())
+    assert meta["source"]["sha256"] == source["sha256"] and meta["source"]["method"]["name"] == "kd"
+    assert meta["backend"] == "eager" and meta["precision"] == "fp32" and meta["batch_sizes"] == [1, 8]
+    assert meta["input"]["shape"] == ["batch", 1, 28, 28] and meta["input"]["normalization"] == source["normalization"]
+    assert meta["versions"]["torch"] == torch.__version__
+    assert {f["name"] for f in meta["files"]} == {"model.safetensors", "model.json"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "onnxrt"], "unknown backend 'onnxrt'"),
+    (["--backend", "onnxruntime", "--batch-sizes", "1,x"], "--batch-sizes: 'x' is not a positive integer"),
+    (["--backend", "onnxruntime", "--precision", "bf16"], "cannot run bf16 on cpu"),
+    (["--backend", "aotinductor", "--precision", "fp16", "--device", "cpu"], "use bf16 on CPU"),
+    (["--backend", "eager", "--precision", "int8"], "cannot run int8"),
+    (["--backend", "eager", "--precision", "fp64"], "argument --precision: invalid choice"),
+])
+def test_export_cli_bad_input_is_one_line_exit_2(student: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  args: list[str], message: str) -> None:
+    from export.__main__ import main
+
+    def call() -> int:
+        try:
+            return main([str(student), *args, "--out", str(tmp_path / "x")])
+        except SystemExit as exc:
+            return int(exc.code)
+
+    assert run_cli(call) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and err.startswith("error: ")
+    assert not (tmp_path / "x" / "artifact.json").exists()
+
+
+def test_cli_missing_checkpoint_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from export.__main__ import main
+
+    assert run_cli(lambda: main([str(tmp_path / "nope"), "--backend", "onnxruntime", "--out", str(tmp_path / "o")])) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nope/model.json: model sidecar not found" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--precisions", "fp32,int4"], "unknown precision 'int4'"),
+    (["--backends", "eager,tensorrt"], "backend 'tensorrt' is not available"),
+    (["--iters", "0"], "--iters must be >= 1"),
+    (["--data", "missing.yaml"], "missing.yaml: --data config not found"),
+])
+def test_bench_cli_bad_input_exit_2(student: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    args: list[str], message: str) -> None:
+    if "tensorrt" in message and get_backend("tensorrt").missing() is None:
+        pytest.skip("torch_tensorrt is installed here")
+    assert run_cli(lambda: bench_main([str(student), "--backends", "eager", *args, "--out", str(tmp_path / "b")])) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "b" / "bench.json").exists()
+
+
+def test_tensorrt_without_torch_tensorrt_says_what_is_missing(student: Path, tmp_path: Path) -> None:
+    """A real `python -m export` process: exit code 2 and one line saying what to install."""
+    if get_backend("tensorrt").missing() is None:
+        pytest.skip("torch_tensorrt is installed here")
+    proc = _run("-m", "export", str(student), "--backend", "tensorrt", "--precision", "fp16", "--out", str(tmp_path / "t"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "cannot import torch_tensorrt" in proc.stderr
+    assert "pip install 'rrd-fast[tensorrt]'" in proc.stderr and "pypi.nvidia.com" in proc.stderr
