@@ -34,9 +34,6 @@ class EagerBackend(Backend):
             return "eager int8 is not offered; int8 comes from tensorrt or onnxruntime"
         return super().unsupported_reason(precision, device)
 
-    def versions(self) -> dict[str, str]:
-        return {}
-
     def export(self, model: nn.Module, spec: ExportSpec, out_dir: Path) -> list[ArtifactFile]:
         meta = {key: spec.source_meta[key] for key in _CHECKPOINT_FIELDS}
         write_model_checkpoint(out_dir, model, meta)

@@ -7,8 +7,9 @@ execution provider, or on the CUDA provider when onnxruntime-gpu is installed.
 Precisions:
 - fp32 (CPU, CUDA);
 - fp16 (CPU, CUDA): the model is cast to half before export, so weights, activations and
-  the input are float16. ONNX Runtime's CPU provider runs it, but mostly through
-  casts and is usually slower than fp32 there; it is meant for the CUDA provider;
+  the input are float16. The CPU provider runs it (a Fashion-MNIST resnet8 kept 99.9% of
+  top-1 predictions, |Δlogit| <= 0.02) but no faster than fp32 on this AVX2 CPU; it pays
+  off on the CUDA provider;
 - int8 (CPU): static post-training quantisation in QDQ format (per-channel int8 weights,
   int8 activations, ONNX Runtime's default S8S8 scheme), calibrated with min/max on
   training images. On a Fashion-MNIST resnet8 S8S8 kept 98% of top-1 predictions where

@@ -92,29 +92,35 @@ def render_png(report: dict[str, Any], path: str | Path):  # noqa: ANN201 - retu
     ncols = min(2, max(1, len(sizes)))
     nrows = -(-max(1, len(sizes)) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(7.5 * ncols, 5.2 * nrows), squeeze=False)
+    offsets = [(5, 6), (5, -12), (5, 16), (5, -22), (5, 26), (5, -32)]
+    legend: dict[str, Any] = {}
     for ax, size in zip(axes.flat, sizes):
         panel = [r for r in rows if r["batch_size"] == size]
         points = [(r["latency"]["p50_ms"], r["top1"]) for r in panel]
-        for r, (x, y) in zip(panel, points):
-            ax.scatter([x], [y], color=colors[r["backend"]], marker=markers.get(r["precision"], "o"), s=42, zorder=3,
-                       label=f"{r['backend']} {r['precision']}")
-            ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        for rank, i in enumerate(sorted(range(len(panel)), key=lambda k: points[k])):
+            r, (x, y) = panel[i], points[i]
+            handle = ax.scatter([x], [y], color=colors[r["backend"]], marker=markers.get(r["precision"], "o"), s=42,
+                                zorder=3)
+            legend.setdefault(f"{r['backend']} {r['precision']}", handle)
+            ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=offsets[rank % len(offsets)],
+                        fontsize=6.5, arrowprops={"arrowstyle": "-", "color": "0.6", "linewidth": 0.5})
         front = pareto_front(points)
         fx, fy = [points[i][0] for i in front], [points[i][1] for i in front]
-        ax.plot(fx, fy, linestyle="--", color="0.4", linewidth=1, drawstyle="steps-post", zorder=2, label="Pareto front")
+        (line,) = ax.plot(fx, fy, linestyle="--", color="0.4", linewidth=1, drawstyle="steps-post", zorder=2)
+        legend.setdefault("Pareto front", line)
         ax.scatter(fx, fy, facecolors="none", edgecolors="black", s=160, linewidths=1.2, zorder=4)
         ax.set_xscale("log")
+        ax.margins(x=0.12, y=0.1)
         ax.set_xlabel("p50 latency per batch (ms, log scale)")
         ax.set_ylabel("top-1 of the exported artifact (%)")
         ax.set_title(f"batch {size}")
         ax.grid(True, which="both", alpha=0.3)
-        handles, labels = ax.get_legend_handles_labels()
-        unique = dict(zip(labels, handles))
-        ax.legend(unique.values(), unique.keys(), fontsize=7, loc="lower right")
     for ax in list(axes.flat)[len(sizes):]:
         ax.set_visible(False)
     fig.suptitle(f"Latency vs accuracy on {report['device']['name']} (circled: Pareto front)", fontsize=11)
-    fig.tight_layout()
+    fig.legend(list(legend.values()), list(legend.keys()), loc="lower center", ncol=min(6, max(1, len(legend))),
+               fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     return fig

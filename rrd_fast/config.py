@@ -7,6 +7,7 @@ resolved config next to its outputs, so a run directory is self-describing.
 from __future__ import annotations
 
 import dataclasses
+import re
 import difflib
 import types
 import typing
@@ -21,6 +22,23 @@ class ConfigError(ValueError):
     """A config file, key or value that is wrong; the message names the key."""
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false, so `mixed_precision: no` stays the string 'no'."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 @dataclass
 class DataConfig:
     format: str = "cifar100"
@@ -32,6 +50,7 @@ class DataConfig:
     eval_limit: int = 0
     pad: int = 4
     flip: bool = True
+    on_corrupt: Literal["error", "skip"] = "error"  # file datasets: stop at an undecodable image, or skip it with a warning
 
 
 @dataclass
@@ -195,7 +214,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r}: expected key.path=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -209,7 +228,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = _yaml(path.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
         if loaded is not None and not isinstance(loaded, dict):

@@ -53,6 +53,7 @@ def build_data(cfg: DataConfig, seed: int, rank: int, world_size: int, device: t
     eval_sampler = EpochSampler(n_eval, max(1, cfg.eval_batch_size // world_size), seed=seed, rank=rank,
                                 world_size=world_size, shuffle=False, drop_last=False)
     backend = resolve_backend(cfg.pipeline, fmt, device)
-    train = build_pipeline(backend, train_split, fmt, train_sampler, train_augmentation(cfg, fmt), device=device)
-    evaluation = build_pipeline(backend, eval_split, fmt, eval_sampler, None, device=device)
+    train = build_pipeline(backend, train_split, fmt, train_sampler, train_augmentation(cfg, fmt), device=device,
+                           on_corrupt=cfg.on_corrupt)
+    evaluation = build_pipeline(backend, eval_split, fmt, eval_sampler, None, device=device, on_corrupt=cfg.on_corrupt)
     return RunData(fmt, train, evaluation, n_train, n_eval, backend, np.asarray(train_split.labels, dtype=np.int64))

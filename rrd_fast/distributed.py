@@ -97,3 +97,12 @@ def all_reduce_(x: torch.Tensor, op: str, group: Group = None) -> torch.Tensor:
     if world(group)[1] > 1:
         dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op], group=group)
     return x
+
+
+def all_to_all_rows(x: torch.Tensor, send: list[int], recv: list[int], group: Group = None) -> torch.Tensor:
+    """Rank r sends rows x[sum(send[:q]) : sum(send[:q+1])] to rank q and receives recv[q] rows from it, in rank order."""
+    if world(group)[1] == 1:
+        return x
+    out = x.new_empty((sum(recv), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+    return out

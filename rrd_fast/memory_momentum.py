@@ -16,13 +16,15 @@ with a counter-based hash: any rank can compute any sample's negatives, the draw
 depend on how the batch is split, and a resumed run draws what an uninterrupted one would.
 
 Sharded by sample index (`ShardedMomentumMemory`): rank r owns rows [a_r, b_r) of both banks,
-N/W rows each. The logits are computed where the rows live, not by fetching rows: every
-rank receives the global batch's z_s, z_t and indices (B×D numbers), scores the entries
-(i, j) whose row it owns, and the per-sample softmax statistics are all-reduced exactly as
-for the sharded FIFO queue. Fetching would move B·(K+1)·D numbers per bank per step (at
-B=256, K=16384, D=128 that is 2.1 GB) to save moving B·D (131 kB); computing in place
-also splits the B·(K+1)·D multiply-adds evenly across ranks, and the momentum update
-needs no extra traffic since each owner already holds the gathered embeddings.
+N/W rows each. The logits are computed where the rows live; rows are never fetched. Each
+rank draws the negatives of its own b samples and sends every drawn row *index* (4 bytes)
+to the rank that owns the row; every rank has the global batch's z_s and z_t (an all-gather
+of B×D numbers), scores the entries it received against its own rows, and the per-sample
+softmax statistics are all-reduced exactly as for the sharded FIFO queue. Fetching rows
+instead would move b·(K+1)·D floats per bank per rank and step (at b=256, K=16384, D=128:
+2.1 GB per bank) where the index exchange moves b·(K+1) int32 (16.8 MB); the multiply-adds
+split evenly across ranks either way, and the momentum update needs no traffic since each
+owner already holds the gathered embeddings of the samples whose rows it owns.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.batch import Batch
-from rrd_fast.distributed import Group, all_gather_rows, all_gather_with_grad, all_reduce_, new_group, row_range, world
+from rrd_fast.distributed import (Group, all_gather_rows, all_gather_with_grad, all_reduce_, all_to_all_rows, new_group,
+                                  row_range, world)
 from rrd_fast.memory import Memory, MemorySpec, RowShard, register_memory, unit_rows
 
 _MASK32 = 0xFFFFFFFF
@@ -161,18 +164,16 @@ class MomentumMemory(Memory):
 class ShardedSampledCrossEntropy(torch.autograd.Function):
     """Per-sample soft cross-entropy over K+1 sampled rows each, the rows spread over ranks.
 
-    Each rank scores only the entries (i, j) whose row it owns; per-sample max and sums
-    are all-reduced as in `memory_sharded.ShardedSoftCrossEntropy`.
+    Each rank scores the entries (global sample, local row) routed to it, i.e. those whose
+    row it owns; per-sample max and sums are all-reduced as in
+    `memory_sharded.ShardedSoftCrossEntropy`.
     """
 
     @staticmethod
-    def forward(ctx, zs_all: torch.Tensor, zt_all: torch.Tensor, contrast: torch.Tensor,  # type: ignore[override]
-                bank_t: torch.Tensor, bank_s: torch.Tensor, start: int, tau_s: float, tau_t: float,
+    def forward(ctx, zs_all: torch.Tensor, zt_all: torch.Tensor, sample: torch.Tensor,  # type: ignore[override]
+                rows: torch.Tensor, bank_t: torch.Tensor, bank_s: torch.Tensor, tau_s: float, tau_t: float,
                 lo: int, hi: int, group: Group) -> torch.Tensor:
         b = zs_all.shape[0]
-        mine = (contrast >= start) & (contrast < start + bank_t.shape[0])
-        sample, col = mine.nonzero(as_tuple=True)
-        rows = contrast[sample, col] - start
         s = torch.empty(sample.numel(), device=zs_all.device)
         t = torch.empty_like(s)
         for c in range(0, sample.numel(), _CHUNK):
@@ -224,6 +225,7 @@ class ShardedMomentumMemory(Memory):
         self.sampler = NegativeSampler(labels, negatives, seed)
         self.momentum, self.rank, self.num_samples = momentum, rank, num_samples
         self.start, self.stop = row_range(num_samples, size, rank)
+        self.starts = torch.tensor([row_range(num_samples, size, r)[0] for r in range(size)])
         self.register_buffer("bank_s", unit_rows(seed, self.start, self.stop, dim, stream=1))
         self.register_buffer("bank_t", unit_rows(seed, self.start, self.stop, dim, stream=2))
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))
@@ -234,13 +236,31 @@ class ShardedMomentumMemory(Memory):
             zs_all = all_gather_with_grad(z_s.float(), self.group)
             zt_all = all_gather_rows(z_t.float(), self.group)
             index = all_gather_rows(batch.index.long(), self.group)
-            contrast = self.sampler.draw(index, int(self.draws))
+            sample, rows = self._route(self.sampler.draw(batch.index.long(), int(self.draws)))
             lo = self.rank * z_s.shape[0]
-            out = ShardedSampledCrossEntropy.apply(zs_all, zt_all, contrast, self.bank_t, self.bank_s, self.start,
+            out = ShardedSampledCrossEntropy.apply(zs_all, zt_all, sample, rows, self.bank_t, self.bank_s,
                                                    tau_s, tau_t, lo, lo + z_s.shape[0], self.group)
             self._update(zs_all.detach(), zt_all, index)
         self.draws += 1
         return out
+
+    def _route(self, contrast: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Send each drawn row index of this rank's samples to the row's owner.
+
+        Returns the entries this rank owns, from every rank: their sample's position in the
+        global batch and their row in the local shard.
+        """
+        b, world_size = contrast.shape[0], len(self.starts)
+        starts = self.starts.to(contrast.device)
+        owner = (torch.searchsorted(starts, contrast, right=True) - 1).reshape(-1)
+        order = torch.argsort(owner, stable=True)  # grouped by owner, then by sample (row-major)
+        per_sample = torch.arange(b, device=contrast.device).repeat_interleave(contrast.shape[1])
+        counts = torch.bincount(owner * b + per_sample, minlength=world_size * b).view(world_size, b).int()
+        got_counts = all_to_all_rows(counts, [1] * world_size, [1] * world_size, self.group)  # [source, sample]
+        send, recv = counts.sum(1).tolist(), got_counts.sum(1).tolist()
+        rows = all_to_all_rows(contrast.reshape(-1)[order].int(), send, recv, self.group)
+        sample = torch.arange(world_size * b, device=contrast.device).repeat_interleave(got_counts.reshape(-1).long())
+        return sample, rows.long() - self.start
 
     @torch.no_grad()
     def _update(self, zs_all: torch.Tensor, zt_all: torch.Tensor, index: torch.Tensor) -> None:

@@ -126,8 +126,9 @@ def _train(env, name: str, cache: str, *extra: str):
 
 def test_distillation_from_fp32_cache_matches_online_teacher(env, fp32_cache):
     online = _train(env, "online", "")
-    cached = _train(env, "cached", str(fp32_cache))
+    cached = _train(env, "cached", str(env["base"] / "built-by-trainer"))  # no cache yet: the trainer builds it
     assert isinstance(cached.teacher, CachedTeacher)
+    _assert_same_cache(env["base"] / "built-by-trainer", fp32_cache)
     keys = [k for k in online.state.history[0] if k.startswith("loss") or k.startswith("top") or k == "train_top1"]
     assert {"loss_ce", "loss_kd", "loss_rrd"} <= set(keys)
     for a, b in zip(online.state.history, cached.state.history, strict=True):
@@ -190,6 +191,22 @@ def test_other_teacher_refused_by_cli_then_rebuilt(env, fp32_cache, capsys):
     assert manifest["complete"]
     assert manifest["key"]["teacher"]["sha256"] == json.loads((env["teacher2"] / "model.json").read_text())["sha256"]
     assert manifest["shards"] != read_manifest(fp32_cache)["shards"]
+
+
+def test_train_cli_refuses_a_cache_of_another_teacher_until_rebuild(env, fp32_cache, capsys):
+    from rrd_fast.train import main as train_main
+
+    cache = env["base"] / "train-rebuild"
+    shutil.copytree(fp32_cache, cache)
+    args = [*_overrides(env, cache, "teacher.cache_dtype=fp32", f"teacher.checkpoint={env['teacher2']}"),
+            f"output_dir={env['base'] / 'runs'}", "name=cli", "optim.epochs=1"]
+    assert run_cli(lambda: train_main(args)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "teacher.sha256:" in err and "--rebuild-cache" in err, err
+    assert run_cli(lambda: train_main(["--rebuild-cache", *args])) == 0
+    sha = json.loads((env["teacher2"] / "model.json").read_text())["sha256"]
+    assert read_manifest(cache)["key"]["teacher"]["sha256"] == sha
+    assert json.loads((env["base"] / "runs" / "cli" / "model.json").read_text())["teacher"]["sha256"] == sha
 
 
 def test_truncated_and_corrupt_shards_are_detected(env, fp32_cache, capsys):

@@ -16,7 +16,9 @@ CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").rglob("*.y
 def test_yaml_and_overrides(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("name: a\noptim:\n  lr: 0.01\n  milestones: [1, 2]\nmethod:\n  name: rrd\n  beta: 1\n")
-    cfg = load_config(path, ["optim.epochs=3", "method.options={rrd: {preset: '2025'}}", "data.flip=false"])
+    cfg = load_config(path, ["optim.epochs=3", "method.options={rrd: {preset: '2025'}}", "data.flip=false",
+                             "train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no"  # YAML 1.1 would read `no` as false
     assert cfg.optim.lr == 0.01 and cfg.optim.epochs == 3 and cfg.optim.milestones == [1, 2]
     assert cfg.method.beta == 1.0 and isinstance(cfg.method.beta, float)
     assert cfg.method.options == {"rrd": {"preset": "2025"}}

@@ -199,7 +199,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             rec = run_steps(net, opt, 0, job.steps, 0, 1)
         reference[job.name] = {**rec, "rows": memory_rows(net)}
     torch.save({name: ref["grad"] for name, ref in reference.items()}, out / "reference_grads.pt")
-    t0 = time.monotonic()
     ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + 300
     while not ctx.join(timeout=2):
@@ -207,7 +206,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             for p in ctx.processes:
                 p.kill()
             pytest.fail("2-process run did not finish within 300 s")
-    print(f"spawned ranks ran {time.monotonic() - t0:.1f} s")
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     resumed: dict[str, Any] = {}
     for name in RESHARD_JOBS:  # 2 -> 1: continue the two ranks' state in one process

@@ -9,10 +9,10 @@ throughput  For resnet32x4->resnet8x4 and wrn_40_2->wrn_16_2, fp32 and bf16 auto
               online    pipeline batch + online teacher + RRD+KD step (rrd_fast.bench (b));
               cached    the same step with the teacher read from the cache through the
                         trainer's own path (ViewPipeline prefetch + CachedTeacher).
-build       Cache build time (the teacher over V=2 views of 512 synthetic CIFAR-100 images,
+build       Cache build time (the teacher over V=2 views of 256 synthetic CIFAR-100 images,
             each precision) and size on disk per view, also extrapolated to 50k samples.
 rss         Peak RSS of a fresh process reading every batch of every view through the real
-            reader, for a 0.43 GB and a 2.15 GB cache (fp32, 50k rows of 2148 values), with
+            reader, for a 0.43 GB and a 2.58 GB cache (fp32, 50k rows of 2148 values), with
             anonymous and file-backed (page-cache) resident memory reported apart.
 gather      Row-gather methods on a 50k-row fp16 shard (why the reader uses np.take on mmap).
 Finally the arithmetic for CIFAR-100 at paper scale (V=32 × 50k) from BRIEF §4 FLOPs.
@@ -39,7 +39,7 @@ from rrd_fast.malloc_tuning import reexec_with_malloc_tuning
 PAIRS = (("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"))
 PRECISIONS = ("fp32", "bf16")
 BATCHES = (64, 256)
-BENCH_SAMPLES = 512
+BENCH_SAMPLES = 256
 BENCH_VIEWS = 2
 # BRIEF §4: forward GFLOP per 32×32 image, pooled dim; CIFAR-100 has 100 classes.
 PAPER_MODELS = {"resnet32x4": (2.17, 256), "wrn_40_2": (0.66, 128)}
@@ -254,7 +254,7 @@ def rss_child(cache_dir: str, batch: int = 256) -> None:
 def run_rss(work: Path) -> list[dict[str, Any]]:
     dims = {"logits": 100, "pooled": 2048}  # ResNet50-sized pooled features, fp32: 8.6 kB per sample
     out = []
-    for views in (1, 5):
+    for views in (1, 6):
         cache = work / f"rss-{views}"
         shutil.rmtree(cache, ignore_errors=True)
         size = synthesize_cache(cache, 50_000, views, dims)
@@ -381,7 +381,7 @@ def run_bench(quick: bool = False, work: Path | None = None, only: list[str] | N
             _prepare(work)
             result["build"] = run_builds(work)  # the throughput runs read these caches
         if "throughput" in parts:
-            result["throughput"] = run_throughput(work, rounds=2 if quick else 4)
+            result["throughput"] = run_throughput(work, rounds=1 if quick else 3)
         if "rss" in parts:
             result["rss"] = run_rss(work)
         if "gather" in parts:
