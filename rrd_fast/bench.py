@@ -18,8 +18,9 @@ All variants are built once and timed in interleaved rounds (the machine may be 
 figures are medians over rounds. Ratios: b/a, c/d, and the pipeline's share of the step,
 (c time per batch) / (b time per batch).
 
-The glibc malloc lever (rrd_fast/malloc_tuning.py) is measured in fresh processes that
-alternate with and without GLIBC_TUNABLES; the main measurement runs with it, as training does.
+Levers read at process start are measured in fresh processes, in rotating order: the
+glibc malloc tunables (rrd_fast/malloc_tuning.py) and OMP_WAIT_POLICY=PASSIVE, alone and
+together. The main measurement runs with the malloc tunables, as training does.
 Models get random weights: timing does not depend on them.
 """
 
@@ -68,12 +69,12 @@ class Effort:
     steps: int  # training steps per timed window
     pipeline_batches: int  # (c) batches per window
     loader_batches: int  # (d) batches per window
-    malloc_repeats: int  # process pairs (without, with) in the malloc comparison
-    malloc_rounds: int
+    lever_repeats: int  # fresh processes per lever in the start-up settings comparison
+    lever_rounds: int
 
 
-FULL = Effort(rounds=7, warmup_steps=2, steps=3, pipeline_batches=60, loader_batches=12, malloc_repeats=3, malloc_rounds=3)
-QUICK = Effort(rounds=3, warmup_steps=1, steps=1, pipeline_batches=20, loader_batches=4, malloc_repeats=2, malloc_rounds=2)
+FULL = Effort(rounds=7, warmup_steps=2, steps=3, pipeline_batches=60, loader_batches=12, lever_repeats=3, lever_rounds=3)
+QUICK = Effort(rounds=3, warmup_steps=1, steps=1, pipeline_batches=20, loader_batches=4, lever_repeats=2, lever_rounds=2)
 
 
 # ---------------------------------------------------------------------------------------
@@ -316,29 +317,45 @@ def machine_info() -> dict[str, Any]:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "bf16_native": bf16_native(),
         "glibc_tunables": os.environ.get(TUNABLES_VAR, ""),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
 
-def run_malloc_comparison(student: str, batch: int, effort: Effort, threads: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """Fresh processes, alternating without/with the tunables (glibc reads them only at start)."""
-    base = {k: v for k, v in os.environ.items() if k != TUNABLES_VAR}
-    envs = {"without": {**base, OPT_OUT_VAR: "1"}, "with": {**base, TUNABLES_VAR: TUNABLES}}
-    results: dict[str, list[float]] = {"without": [], "with": []}
-    cmd = [sys.executable, "-m", "rrd_fast.bench", "malloc-probe", "--student", student, "--batch-size", str(batch),
-           "--rounds", str(effort.malloc_rounds), "--steps", str(effort.steps), "--warmup", str(effort.warmup_steps),
+# Process-start settings compared in fresh processes: name -> variables set (all others removed).
+OMP_PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
+LEVERS: dict[str, dict[str, str]] = {
+    "baseline": {OPT_OUT_VAR: "1"},
+    "malloc": {TUNABLES_VAR: TUNABLES},
+    "omp_passive": {OPT_OUT_VAR: "1", **OMP_PASSIVE},
+    "malloc+omp_passive": {TUNABLES_VAR: TUNABLES, **OMP_PASSIVE},
+}
+LEVER_VARS = (TUNABLES_VAR, OPT_OUT_VAR, "OMP_WAIT_POLICY")
+
+
+def run_lever_comparison(student: str, batch: int, effort: Effort, threads: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Environment levers read only at process start (glibc malloc tunables, OpenMP's wait policy).
+
+    Each repeat starts one fresh process per lever, in rotating order, and times the
+    student step (a) in it; the figure per lever is the median over repeats.
+    """
+    base = {k: v for k, v in os.environ.items() if k not in LEVER_VARS}
+    cmd = [sys.executable, "-m", "rrd_fast.bench", "probe", "--student", student, "--batch-size", str(batch),
+           "--rounds", str(effort.lever_rounds), "--steps", str(effort.steps), "--warmup", str(effort.warmup_steps),
            "--threads", str(threads)]
-    for rep in range(effort.malloc_repeats):
-        for mode in (("without", "with") if rep % 2 == 0 else ("with", "without")):
-            proc = subprocess.run(cmd, env=envs[mode], capture_output=True, text=True, timeout=1800)
+    names = list(LEVERS)
+    results: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(effort.lever_repeats):
+        for name in names[rep % len(names):] + names[: rep % len(names)]:
+            proc = subprocess.run(cmd, env={**base, **LEVERS[name]}, capture_output=True, text=True, timeout=1800)
             if proc.returncode != 0:
-                raise RunError(f"malloc probe ({mode} tunables) failed: {proc.stderr.strip().splitlines()[-1:]}")
-            results[mode].append(float(json.loads(proc.stdout.strip().splitlines()[-1])["images_per_s"]))
-            log(f"malloc probe {mode} tunables: {results[mode][-1]:.1f} img/s")
-    without, with_ = statistics.median(results["without"]), statistics.median(results["with"])
-    return {"student": student, "batch_size": batch, "precision": "fp32", "measure": "student step (a)",
-            "without_img_s": without, "with_img_s": with_, "speedup": with_ / without,
-            "samples": results, "tunables": TUNABLES}
+                raise RunError(f"probe with {name} settings failed: {proc.stderr.strip().splitlines()[-1:]}")
+            results[name].append(float(json.loads(proc.stdout.strip().splitlines()[-1])["images_per_s"]))
+            log(f"probe {name}: {results[name][-1]:.1f} img/s")
+    medians = {name: statistics.median(v) for name, v in results.items()}
+    return {"student": student, "batch_size": batch, "precision": "fp32", "measure": "student step (a), fresh process",
+            "img_s": medians, "speedup_vs_baseline": {n: m / medians["baseline"] for n, m in medians.items()},
+            "samples": results, "settings": LEVERS}
 
 
 def measure(pairs: list[tuple[str, str]], batch_sizes: list[int], precisions: list[str], effort: Effort,
@@ -403,7 +420,7 @@ def measure(pairs: list[tuple[str, str]], batch_sizes: list[int], precisions: li
 def format_report(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [f"torch {m['torch']}, {m['torch_threads']} threads on {m['cpu_count']} CPUs, "
-             f"GLIBC_TUNABLES {'set' if m['glibc_tunables'] else 'unset'}, "
+             f"GLIBC_TUNABLES {'set' if m['glibc_tunables'] else 'unset'}, OMP_WAIT_POLICY {m['omp_wait_policy'] or 'unset'}, "
              f"load average {m['load_average_start'][0]:.1f} -> {m['load_average_end'][0]:.1f}"
              if m.get("load_average_start") else f"torch {m['torch']}, {m['torch_threads']} threads"]
     lines.append(f"CPU capability {m['cpu_capability']}, native bf16 {'yes' if m['bf16_native'] else 'NO (bf16 autocast is emulated)'}; "
@@ -425,11 +442,12 @@ def format_report(result: dict[str, Any]) -> str:
         lines.append(f"{'':34s} {p['batch_size']:5d} {p['c_img_s']:10.0f} {p['c_1thread_img_s']:11.0f} {p['d_img_s']:14.0f} "
                      f"{p['c_over_d']:7.1f} {p['c_1thread_over_d']:7.1f}")
     lines.append(f"(c): {threads} torch threads unless marked; (d): {result['config']['loader_workers']} DataLoader worker processes")
-    mc = result.get("malloc")
-    if mc:
+    lv = result.get("levers")
+    if lv:
         lines.append("")
-        lines.append(f"glibc malloc tunables, {mc['student']} student step, batch {mc['batch_size']}, fp32, fresh processes: "
-                     f"without {mc['without_img_s']:.1f} img/s, with {mc['with_img_s']:.1f} img/s ({mc['speedup']:.2f}x)")
+        lines.append(f"start-up levers, {lv['student']} student step (a), batch {lv['batch_size']}, fp32, fresh processes:")
+        for name, ips in lv["img_s"].items():
+            lines.append(f"  {name:20s} {ips:10.1f} img/s  {lv['speedup_vs_baseline'][name]:5.2f}x")
     t = result["targets"]
     lines.append("")
     lines.append(f"targets: (c) >= {t['pipeline_img_s']:,} img/s: {'met' if t['pipeline_img_s_met'] else 'NOT met'}; "
@@ -485,8 +503,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                    "channels_last": True, "method": "rrd gamma=1 alpha=1 beta=1 (RRD+KD), paper preset, queue 16384"},
     }
     result.update(measure(pairs, args.batch_sizes, args.precisions, effort, n_images, args.loader_workers, log))
-    if not args.no_malloc:
-        result["malloc"] = run_malloc_comparison(pairs[0][1], max(args.batch_sizes), effort, args.threads, log)
+    if not args.no_levers:
+        result["levers"] = run_lever_comparison(pairs[0][1], max(args.batch_sizes), effort, args.threads, log)
     result["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     result["wall_s"] = time.time() - started
     result["targets"] = targets(result)
@@ -497,8 +515,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_malloc_probe(args: argparse.Namespace) -> int:
-    """One fresh process: median img/s of the student step, under whatever malloc settings it started with."""
+def cmd_probe(args: argparse.Namespace) -> int:
+    """One fresh process: median img/s of the student step, under whatever settings it started with."""
     from pipelines.augment import CropFlipSpec
     from pipelines.sampler import EpochSampler
     from pipelines.torch_pipeline import ArrayPipeline
@@ -514,7 +532,8 @@ def cmd_malloc_probe(args: argparse.Namespace) -> int:
     v.run(args.warmup)
     for _ in range(args.rounds):
         v.time_window(args.steps)
-    print(json.dumps({"images_per_s": v.median, "samples": v.samples, "glibc_tunables": os.environ.get(TUNABLES_VAR, "")}))
+    print(json.dumps({"images_per_s": v.median, "samples": v.samples, "glibc_tunables": os.environ.get(TUNABLES_VAR, ""),
+                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}))
     return 0
 
 
@@ -529,9 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--images", type=int, default=50_000, help="images in the in-memory split (CIFAR: 50000)")
     train.add_argument("--loader-workers", type=int, default=2, help="worker processes of the per-sample baseline (d)")
     train.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    train.add_argument("--no-malloc", action="store_true", help="skip the with/without GLIBC_TUNABLES comparison")
+    train.add_argument("--no-levers", action="store_true",
+                       help="skip the fresh-process comparison of GLIBC_TUNABLES and OMP_WAIT_POLICY")
     train.add_argument("--out", type=Path, help="write all figures and samples as JSON here")
-    probe = sub.add_parser("malloc-probe", help="(internal) one process's student-step speed")
+    probe = sub.add_parser("probe", help="(internal) one process's student-step speed")
     probe.add_argument("--student", default="resnet8x4")
     probe.add_argument("--batch-size", type=int, default=256)
     probe.add_argument("--rounds", type=int, default=3)
@@ -545,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
         return cmd_train(args)
-    return cmd_malloc_probe(args)
+    return cmd_probe(args)
 
 
 if __name__ == "__main__":

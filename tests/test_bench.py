@@ -28,7 +28,7 @@ def test_train_bench_tiny_run_writes_consistent_json(tmp_path: Path, capsys: pyt
     out = tmp_path / "bench.json"
     # One thread: bf16 is emulated on CPUs without AVX-512 BF16, and slow enough already.
     rc = main(["train", "--quick", "--models", "resnet8:resnet8", "--batch-sizes", "4", "8", "--precisions", "fp32", "bf16",
-               "--images", "64", "--loader-workers", "0", "--threads", "1", "--no-malloc", "--out", str(out)])
+               "--images", "64", "--loader-workers", "0", "--threads", "1", "--no-levers", "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "(a) student" in printed and "(d) per-sample" in printed and "targets:" in printed
@@ -48,8 +48,8 @@ def test_train_bench_tiny_run_writes_consistent_json(tmp_path: Path, capsys: pyt
     assert result["machine"]["torch_threads"] == 1
 
 
-def test_malloc_probe_reports_one_figure(capsys: pytest.CaptureFixture[str], keep_threads) -> None:
-    assert main(["malloc-probe", "--student", "resnet8", "--batch-size", "8", "--rounds", "2", "--steps", "1", "--threads", "1"]) == 0
+def test_probe_reports_one_figure(capsys: pytest.CaptureFixture[str], keep_threads) -> None:
+    assert main(["probe", "--student", "resnet8", "--batch-size", "8", "--rounds", "2", "--steps", "1", "--threads", "1"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(report["samples"]) == 2 and report["images_per_s"] > 0
 
@@ -62,6 +62,6 @@ def test_malloc_probe_reports_one_figure(capsys: pytest.CaptureFixture[str], kee
     (["--images", "10", "--batch-sizes", "64"], "--images"),
 ])
 def test_bad_arguments_are_one_line_errors(args: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_cli(lambda: main(["train", "--no-malloc", *args])) == 2
+    assert run_cli(lambda: main(["train", "--no-levers", *args])) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1

@@ -56,6 +56,8 @@ class ViewPipeline:
         plan = self.inner.sampler.batches(epoch)[start_step:]
         ahead = self.teacher.prefetch(view, plan[0]) if plan else None
         for step, batch in enumerate(self.inner.epoch(epoch, start_step, aug_epoch=view)):
+            if step >= len(plan):
+                raise CacheError(f"teacher cache: the pipeline yielded more than the sampler's {len(plan)} batches")
             current = ahead
             ahead = self.teacher.prefetch(view, plan[step + 1]) if step + 1 < len(plan) else None
             self.teacher.stage(_Staged(batch, view, plan[step], current))
