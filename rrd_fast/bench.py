@@ -11,7 +11,10 @@ in channels_last as the trainer runs by default:
       under no_grad, `DistillModule` with the RRD+KD `Objective` (gamma=alpha=beta=1),
       backward and SGD step;
 and for every batch size, on 50k CIFAR-sized images with pad-4 crop + flip + normalise:
-  (c) the torch `ArrayPipeline` alone;
+  (c) the torch `ArrayPipeline` alone, with the process's torch threads and with one
+      thread (on a busy shared machine, each parallel region of a small op can wait
+      milliseconds for a core under OpenMP's default wait policy; one thread isolates
+      the pipeline's own cost);
   (d) a per-sample Python `DataLoader` doing the same augmentation image by image with
       Pillow, as RepDistiller's torchvision transforms do.
 All variants are built once and timed in interleaved rounds (the machine may be shared);
