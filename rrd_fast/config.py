@@ -65,8 +65,9 @@ class TeacherConfig:
     cache: str = ""  # teacher feature cache folder; empty: run the teacher online
     cache_views: int = 32  # V: epoch e replays augmentation view e mod V (see rrd_fast/cache/__init__.py)
     cache_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
-    cache_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # teacher autocast in the build; auto: train.mixed_precision
-    cache_batch_size: int = 0  # build batch; 0: 256 on CPU, the largest that fits (from 1024 down) on CUDA
+    # teacher autocast in the build; auto: train.mixed_precision (cached == online needs the same)
+    cache_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    cache_batch_size: int = 0  # build batch; 0: 256 on CPU, the largest that fits (from 4096 down) on CUDA
     cache_shard_samples: int = 65536  # samples per shard file
     cache_verify: Literal["checksum", "size"] = "checksum"  # checksum: sha256 of each shard before its first read
 

@@ -8,6 +8,11 @@ prints top-1 (last and best epoch), wall time and images/s for each.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch loads: glibc reads its malloc tunables only at process start
+    from rrd_fast.malloc_tuning import reexec_with_malloc_tuning
+
+    reexec_with_malloc_tuning()  # opt out with RRD_FAST_NO_MALLOC_TUNING=1
+
 import argparse
 import gzip
 import json

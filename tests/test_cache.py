@@ -163,6 +163,31 @@ def test_epochs_beyond_views_replay_view_e_mod_v(env, fp32_cache):
     teacher.close()
 
 
+def test_dali_pipeline_builds_and_replays_the_cache(env, fp32_cache):
+    """The same cache path through the DALI backend: built from DALI's `batch_for`, replayed
+    by its `epoch(e, aug_epoch=e mod V)`; equal to the online teacher on DALI's images."""
+    pytest.importorskip("nvidia.dali")
+    cfg = _cfg(env, env["base"] / "dali", "teacher.cache_dtype=fp32", "data.pipeline=dali")
+    data = build_data(cfg.data, cfg.seed, 0, 1, torch.device("cpu"))
+    assert data.backend == "dali"
+    model, meta = load_teacher(cfg.teacher.checkpoint, "", 100, 3)
+    teacher = open_cached_teacher(cfg, model, meta, data.train, "cpu")  # builds it
+    assert read_manifest(env["base"] / "dali")["info"]["pipeline"] != "ArrayPipeline"
+    model = model.to(memory_format=torch.channels_last)
+    torch_cache = CacheReader(fp32_cache, read_manifest(fp32_cache), verify=False)
+    for batch in teacher.wrap(data.train).epoch(3):
+        assert batch.epoch == 1
+        images = batch.images.contiguous(memory_format=torch.channels_last)
+        out = teacher(batch, images)
+        with torch.no_grad():
+            ref = model(images, features=True)
+        assert torch.equal(out.logits, ref.logits) and torch.equal(out.pooled, ref.pooled)
+        # and within float rounding of the cache the torch pipeline built
+        rows = torch_cache.gather(1, batch.index.numpy())
+        torch.testing.assert_close(out.logits, torch.from_numpy(rows["logits"]), rtol=1e-4, atol=1e-4)
+    teacher.close()
+
+
 @pytest.mark.parametrize("change,field", [
     ("seed=5", "augmentation.seed"),
     ("teacher.cache_views=3", "views"),

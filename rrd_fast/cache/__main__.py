@@ -49,11 +49,13 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rrd_fast.cache", description="Build, verify and benchmark teacher caches.")
+    parser = argparse.ArgumentParser(prog="python -m rrd_fast.cache",
+                                     description="Build, verify and benchmark teacher caches.")
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="run the teacher over V views of the training set and store its outputs")
     build.add_argument("--config", type=Path, help="YAML run config (teacher.cache names the folder)")
-    build.add_argument("--rebuild-cache", action="store_true", help="discard an existing cache, even one built for another run")
+    build.add_argument("--rebuild-cache", action="store_true",
+                       help="discard an existing cache, even one built for another run")
     build.add_argument("overrides", nargs="*", help="key.path=value overrides, as for train.py")
     build.set_defaults(fn=_build)
     verify = sub.add_parser("verify", help="check every shard's size and sha256 against the manifest")

@@ -194,7 +194,8 @@ def _build_locked(cfg: RunConfig, cache_dir: Path, rebuild: bool, teacher: nn.Mo
         pipeline = build_data(cfg.data, cfg.seed, 0, 1, device).train
     num_samples = int(key["dataset"]["num_samples"])
     if pipeline.sampler.n != num_samples:
-        raise CacheError(f"{cache_dir}: the train pipeline has {pipeline.sampler.n} samples, the dataset fingerprint {num_samples}")
+        raise CacheError(f"{cache_dir}: the train pipeline has {pipeline.sampler.n} samples, "
+                         f"the dataset fingerprint {num_samples}")
     store_dtype = DTYPES[cfg.teacher.cache_dtype][0]
     precision = resolved_precision(cfg)
     runner = _TeacherRunner(teacher, pipeline, device, precision, cfg.train.channels_last,
