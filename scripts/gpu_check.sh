@@ -58,3 +58,7 @@ PYEOF
         cp "$EXPORT_TMP"/bench/bench.{json,md,png} "$OUT/export/"
     fi
 )
+
+# trainer and cache
+# The torch pipeline with the split on the GPU and the teacher cache's pinned, non-blocking reads.
+"$PY" -m pytest -q -m gpu tests/test_torch_pipeline.py tests/test_cache.py
