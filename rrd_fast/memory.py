@@ -105,6 +105,17 @@ class Memory(nn.Module):
         return {}
 
 
+def fifo_loss(queue: Memory, z_s: torch.Tensor, z_t: torch.Tensor, tau_s: float, tau_t: float,
+              enqueue: str) -> torch.Tensor:
+    """The loss against a FIFO queue, with the batch's own keys enqueued "before" (2025) or "after" (paper)."""
+    if enqueue == "before":
+        queue.enqueue(z_t)
+    out = queue.soft_cross_entropy(z_s, z_t, tau_s, tau_t)
+    if enqueue == "after":
+        queue.enqueue(z_t)
+    return out
+
+
 class FifoQueue(Memory):
     """K×D queue of unit-norm rows; `enqueue` overwrites the oldest rows, wrapping around.
 
@@ -137,12 +148,7 @@ class FifoQueue(Memory):
 
     def loss(self, z_s: torch.Tensor, z_t: torch.Tensor, batch: Batch, tau_s: float, tau_t: float,
              enqueue: str) -> torch.Tensor:
-        if enqueue == "before":
-            self.enqueue(z_t)
-        out = self.soft_cross_entropy(z_s, z_t, tau_s, tau_t)
-        if enqueue == "after":
-            self.enqueue(z_t)
-        return out
+        return fifo_loss(self, z_s, z_t, tau_s, tau_t, enqueue)
 
     def row_shards(self) -> dict[str, RowShard]:
         return {"queue": RowShard(0, self.size, self.size, per_rank=self.per_rank)}

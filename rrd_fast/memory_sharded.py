@@ -28,7 +28,7 @@ import torch
 
 from pipelines.batch import Batch
 from rrd_fast.distributed import Group, all_gather_rows, all_gather_with_grad, all_reduce_, new_group, row_range, world
-from rrd_fast.memory import FifoQueue, Memory, MemorySpec, RowShard, fifo_positions, register_memory, unit_rows
+from rrd_fast.memory import FifoQueue, Memory, MemorySpec, RowShard, fifo_loss, fifo_positions, register_memory, unit_rows
 
 
 class ShardedSoftCrossEntropy(torch.autograd.Function):
@@ -120,11 +120,7 @@ class ShardedFifoQueue(Memory):
 
     def loss(self, z_s: torch.Tensor, z_t: torch.Tensor, batch: Batch, tau_s: float, tau_t: float,
              enqueue: str) -> torch.Tensor:
-        if enqueue == "before":
-            self.enqueue(z_t)
-        out = self.soft_cross_entropy(z_s, z_t, tau_s, tau_t)
-        if enqueue == "after":
-            self.enqueue(z_t)
+        out = fifo_loss(self, z_s, z_t, tau_s, tau_t, enqueue)
         self._keys = None
         return out
 
