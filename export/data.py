@@ -20,7 +20,7 @@ from export.base import CalibrationSource
 from export.errors import ExportError
 from pipelines.backends import build_pipeline
 from pipelines.errors import DataError
-from pipelines.formats import ArraySplit, DatasetFormat, FileSplit, Split, get_format, read_split
+from pipelines.formats import ArraySplit, DatasetFormat, FileSplit, Split, get_format, head, read_split
 from pipelines.sampler import EpochSampler
 
 
@@ -62,14 +62,6 @@ def data_source(meta: dict[str, Any], config: str | Path | None = None, eval_lim
     return source
 
 
-def _head(split: Split, n: int) -> Split:
-    if n <= 0 or n >= len(split.labels):
-        return split
-    if isinstance(split, ArraySplit):
-        return ArraySplit(np.ascontiguousarray(split.images[:n]), split.labels[:n], split.classes)
-    return FileSplit(split.paths[:n], split.labels[:n], split.classes)
-
-
 def _spread(split: Split, n: int) -> Split:
     """`n` samples spread evenly over the split (training splits are often sorted by class)."""
     total = len(split.labels)
@@ -89,7 +81,7 @@ class ImageSet:
         self.fmt: DatasetFormat = get_format(source.format)
         split_name = self.fmt.eval_split if which == "eval" else self.fmt.train_split
         split = read_split(source.format, source.root, split_name)
-        split = _spread(split, limit) if spread else _head(split, limit)
+        split = _spread(split, limit) if spread else head(split, limit)
         if len(split.labels) == 0:
             raise DataError(f"{source.root}: split {split_name!r} of {source.format} is empty")
         self.source, self.split_name, self.split, self.device = source, split_name, split, device

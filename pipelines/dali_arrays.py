@@ -17,7 +17,7 @@ import torch
 
 from pipelines.augment import CropFlipSpec
 from pipelines.batch import Batch
-from pipelines.dali_common import DaliRunner, Source, Work, import_dali, output_dtype, to_torch
+from pipelines.dali_common import DaliRunner, Source, Work, batch_from_outputs, import_dali, output_dtype
 from pipelines.sampler import EpochSampler
 
 
@@ -111,11 +111,7 @@ class DaliArrayPipeline:
         return Work(index=index, epoch=epoch, aug=self.aug_params(index, epoch))
 
     def _batch(self, work: Work, outputs: list[Any]) -> Batch:
-        stream = torch.cuda.current_stream(self.device) if self._on_gpu else None
-        images = to_torch(outputs[0], self.device, self.dtype, stream)
-        idx = torch.from_numpy(work.index).to(self.device)
-        aug = torch.from_numpy(work.aug).to(self.device)
-        return Batch(images=images, labels=self._labels[idx], index=idx, aug=aug, epoch=work.epoch)
+        return batch_from_outputs(work, outputs, self._labels, self.device, self.dtype, self._on_gpu)
 
     def epoch(self, epoch: int, start_step: int = 0, aug_epoch: int | None = None) -> Iterator[Batch]:
         """Batches of `epoch` from `start_step` on: a pure function of (seed, epoch).

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from pipelines.batch import Batch
 from pipelines.errors import DataError
 
 INSTALL_HINT = "install the `dali` extra (pip install nvidia-dali-cuda120)"
@@ -83,6 +84,16 @@ def to_torch(tl: Any, device: torch.device, dtype: torch.dtype, stream: Any = No
     else:
         out = torch.from_numpy(tl.as_array())
     return out if out.dtype == dtype else out.to(dtype)
+
+
+def batch_from_outputs(work: "Work", outputs: list[Any], labels: torch.Tensor, device: torch.device,
+                       dtype: torch.dtype, on_gpu: bool) -> Batch:
+    """The Batch for one planned batch from the DALI pipeline's image output."""
+    stream = torch.cuda.current_stream(device) if on_gpu else None
+    images = to_torch(outputs[0], device, dtype, stream)
+    idx = torch.from_numpy(work.index).to(device)
+    aug = torch.from_numpy(work.aug).to(device)
+    return Batch(images=images, labels=labels[idx], index=idx, aug=aug, epoch=work.epoch)
 
 
 @dataclass

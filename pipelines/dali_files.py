@@ -33,7 +33,7 @@ import torch
 
 from pipelines.augment import ResizedCropSpec
 from pipelines.batch import Batch
-from pipelines.dali_common import DaliRunner, Source, Work, first_error_line, import_dali, output_dtype, to_torch
+from pipelines.dali_common import DaliRunner, Source, Work, batch_from_outputs, first_error_line, import_dali, output_dtype
 from pipelines.errors import DataError
 from pipelines.sampler import EpochSampler
 from pipelines.views import CenterCropSpec, CorruptFiles, looks_like_image
@@ -242,11 +242,7 @@ class DaliFilePipeline:
         return self.augment.params(self.sampler.seed, epoch, index)
 
     def _batch(self, work: Work, outputs: list[Any]) -> Batch:
-        stream = torch.cuda.current_stream(self.device) if self._on_gpu else None
-        images = to_torch(outputs[0], self.device, self.dtype, stream)
-        idx = torch.from_numpy(work.index).to(self.device)
-        aug = torch.from_numpy(work.aug).to(self.device)
-        return Batch(images=images, labels=self._labels[idx], index=idx, aug=aug, epoch=work.epoch)
+        return batch_from_outputs(work, outputs, self._labels, self.device, self.dtype, self._on_gpu)
 
     def _empty(self, epoch: int) -> Batch:
         z = torch.zeros(0, dtype=torch.int64, device=self.device)

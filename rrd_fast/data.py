@@ -9,7 +9,7 @@ import torch
 
 from pipelines.augment import AugSpec, CropFlipSpec, ResizedCropSpec
 from pipelines.backends import Pipeline, build_pipeline, resolve_backend
-from pipelines.formats import ArraySplit, DatasetFormat, FileSplit, Split, get_format, read_split
+from pipelines.formats import DatasetFormat, get_format, head, read_split
 from pipelines.sampler import EpochSampler
 from rrd_fast.config import ConfigError, DataConfig
 
@@ -25,14 +25,6 @@ class RunData:
     train_labels: np.ndarray | None = None  # labels of the (limited) training split, for class-aware memories
 
 
-def _limit(split: Split, limit: int) -> Split:
-    if limit <= 0 or limit >= len(split.labels):
-        return split
-    if isinstance(split, ArraySplit):
-        return ArraySplit(np.ascontiguousarray(split.images[:limit]), split.labels[:limit], split.classes)
-    return FileSplit(split.paths[:limit], split.labels[:limit], split.classes)
-
-
 def train_augmentation(cfg: DataConfig, fmt: DatasetFormat) -> AugSpec:
     if fmt.kind == "array":
         return CropFlipSpec(pad=cfg.pad, flip=cfg.flip)
@@ -43,8 +35,8 @@ def build_data(cfg: DataConfig, seed: int, rank: int, world_size: int, device: t
     fmt = get_format(cfg.format)
     if cfg.batch_size % world_size:
         raise ConfigError(f"data.batch_size: global batch {cfg.batch_size} does not divide across {world_size} processes")
-    train_split = _limit(read_split(fmt.name, cfg.root, fmt.train_split), cfg.train_limit)
-    eval_split = _limit(read_split(fmt.name, cfg.root, fmt.eval_split), cfg.eval_limit)
+    train_split = head(read_split(fmt.name, cfg.root, fmt.train_split), cfg.train_limit)
+    eval_split = head(read_split(fmt.name, cfg.root, fmt.eval_split), cfg.eval_limit)
     per_rank = cfg.batch_size // world_size
     n_train, n_eval = len(train_split.labels), len(eval_split.labels)
     if n_train < cfg.batch_size:

@@ -33,6 +33,15 @@ class FileSplit:
 Split = Union[ArraySplit, FileSplit]
 
 
+def head(split: Split, n: int) -> Split:
+    """The first `n` samples of a split (all of it when `n` <= 0), for smoke runs and quick benchmarks."""
+    if n <= 0 or n >= len(split.labels):
+        return split
+    if isinstance(split, ArraySplit):
+        return ArraySplit(np.ascontiguousarray(split.images[:n]), split.labels[:n], split.classes)
+    return FileSplit(split.paths[:n], split.labels[:n], split.classes)
+
+
 @dataclass(frozen=True)
 class DatasetFormat:
     """Static facts about a dataset layout plus its reader.
