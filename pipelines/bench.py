@@ -3,19 +3,24 @@
     python -m pipelines.bench                       # CPU: 32×32 arrays and 64×64 JPEG folders
     python -m pipelines.bench --device cuda         # GPU: adds 224×224 random-resized crops from JPEG
     python -m pipelines.bench --write-auto-table    # also record the faster backend for data.pipeline=auto
+    python -m pipelines.bench --sections arrays --dali-lanes 1,2,4   # DALI with other lane counts too
 
 Sections:
 - arrays: 50k uint8 32×32×3 images, batch 256, pad-4 crop + flip + normalise: the torch
-  `ArrayPipeline`, the DALI pipeline, and a per-sample Python `DataLoader` baseline with
-  `--workers` worker processes doing the same work image by image;
+  `ArrayPipeline`, the DALI pipeline (its default lanes, plus any `--dali-lanes`), and a
+  per-sample Python `DataLoader` baseline with `--workers` worker processes doing the same
+  work image by image;
 - jpeg: a generated Tiny-ImageNet-like folder (>= 5k 64×64 JPEGs), random-resized crop to 64 +
   flip + normalise: DALI, the torch/Pillow thread-pool pipeline, and a per-sample Pillow
   `DataLoader` with the same number of workers;
 - jpeg224 (cuda only): ImageNet-like folders of larger JPEGs, random-resized crop to 224.
 
 Each repeat runs the contenders one after another (interleaved), `--batches` batches each
-after one warm-up batch; the figure reported is the median over repeats. Timings on a
-shared machine are noisy: say so when quoting them.
+after `--warmup` untimed batches (at least one per DALI lane, each of which builds its
+pipeline on its first batch); the figure reported is the median over repeats. The process
+re-executes itself once with the glibc malloc tunables training uses
+(rrd_fast/malloc_tuning.py; RRD_FAST_NO_MALLOC_TUNING=1 measures without them). Timings
+on a shared machine are noisy: say so when quoting them.
 """
 
 from __future__ import annotations
@@ -33,16 +38,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
-import torch
+from rrd_fast.malloc_tuning import TUNABLES_VAR, reexec_with_malloc_tuning
 
-from pipelines.augment import CropFlipSpec, ResizedCropSpec
-from pipelines.backends import AUTO_TABLE, auto_key, build_pipeline, load_auto_table
-from pipelines.errors import DataError
-from pipelines.formats import FileSplit, get_format, read_split
-from pipelines.formats.base import ArraySplit
-from pipelines.sampler import EpochSampler
-from pipelines.views import train_box
+if __name__ == "__main__":
+    reexec_with_malloc_tuning()  # before torch loads: measure under the allocator settings training uses
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pipelines.augment import CropFlipSpec, ResizedCropSpec  # noqa: E402
+from pipelines.backends import AUTO_TABLE, auto_key, build_pipeline, load_auto_table  # noqa: E402
+from pipelines.errors import DataError  # noqa: E402
+from pipelines.formats import FileSplit, get_format, read_split  # noqa: E402
+from pipelines.formats.base import ArraySplit  # noqa: E402
+from pipelines.sampler import EpochSampler  # noqa: E402
+from pipelines.views import train_box  # noqa: E402
 
 CIFAR_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR_STD = (0.2675, 0.2565, 0.2761)
@@ -123,36 +133,49 @@ class Contender:
     label: str
     batches: Callable[[int], Iterator]  # epoch -> iterator of batches (images tensor or Batch)
     backend: str | None = None  # a data.pipeline backend, eligible for the auto table
+    warmup: int = 0  # untimed batches at least (a DALI lane builds its pipeline on its first batch)
+    in_process: bool = True  # all its work is in this process's threads, so its CPU time is measurable
+
+
+@dataclass
+class Timing:
+    img_s: float
+    cpu_us_per_img: float  # this process's CPU time (all threads) per image: steadier than img/s on a shared VM
 
 
 def _count(item) -> int:
     return int(item.shape[0]) if isinstance(item, torch.Tensor) else len(item)
 
 
-def time_batches(make: Callable[[int], Iterator], epoch: int, batches: int, warmup: int, device: torch.device) -> float:
-    """img/s over up to `batches` batches of one epoch, after `warmup` untimed batches."""
-    seen, done, start = 0, 0, None
+def time_batches(make: Callable[[int], Iterator], epoch: int, batches: int, warmup: int, device: torch.device) -> Timing:
+    """Throughput and CPU cost over up to `batches` batches of one epoch, after `warmup` untimed batches."""
+    seen, done, start, cpu_start = 0, 0, None, 0.0
     for k, item in enumerate(make(epoch)):
         if k < warmup:  # pipelines built, workers started, decoders initialised
             continue
         if start is None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
         seen += _count(item)
         done += 1
         if done >= batches:
             break
     if start is None or not seen:
-        return 0.0
+        return Timing(0.0, 0.0)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return seen / (time.perf_counter() - start)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return Timing(seen / wall, cpu / seen * 1e6)
 
 
 # ---------------------------------------------------------------------------------------
 # sections
 # ---------------------------------------------------------------------------------------
+
+def _count_of(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' if n != 1 else ''}"
+
 
 def array_contenders(args: argparse.Namespace, device: torch.device) -> list[Contender]:
     rng = np.random.default_rng(0)
@@ -164,14 +187,23 @@ def array_contenders(args: argparse.Namespace, device: torch.device) -> list[Con
     spec = CropFlipSpec(pad=4)
     batch = args.array_batch or args.batch
     sampler = EpochSampler(n, batch, seed=0)
-    out = []
-    for backend, label in (("torch", "torch ArrayPipeline"), ("dali", "DALI")):
-        pipe = build_pipeline(backend, split, fmt, sampler, spec, device=device)
-        out.append(Contender("arrays", backend, label, pipe.epoch, backend))
+    torch_pipe = build_pipeline("torch", split, fmt, sampler, spec, device=device)
+    out = [Contender("arrays", "torch", "torch ArrayPipeline", torch_pipe.epoch, "torch")]
+    from pipelines.dali_arrays import DaliArrayPipeline
+
+    def dali(lanes: int | None = None) -> DaliArrayPipeline:
+        return DaliArrayPipeline(images, labels, sampler, fmt.mean, fmt.std, spec, device=device, lanes=lanes)
+
+    default = dali()
+    variants = [(default, "dali")] + [(dali(n), f"dali_{n}") for n in args.dali_lanes if n != default.lanes]
+    for pipe, name in variants:
+        label = f"DALI ({_count_of(pipe.lanes, 'lane')} x {_count_of(pipe.threads_per_lane, 'thread')})"
+        out.append(Contender("arrays", name, label + (", default" if name == "dali" else ""), pipe.epoch, "dali",
+                             warmup=pipe.lanes))
     out.append(Contender(
         "arrays", "dataloader", f"per-sample DataLoader ({args.workers} workers)",
         lambda e: _loader(ArraySamples(images, spec, 0, e, fmt.mean, fmt.std), sampler.order(e), batch,
-                          args.workers, device)))
+                          args.workers, device), in_process=args.workers == 0))
     return out
 
 
@@ -193,7 +225,7 @@ def file_contenders(section: str, split: FileSplit, fmt_name: str, size: int, ar
         Contender(section, "torch", f"torch/Pillow thread pool ({args.workers} threads)", pil.epoch, "torch"),
         Contender(section, "dataloader", f"per-sample Pillow DataLoader ({args.workers} workers)",
                   lambda e: _loader(JpegSamples(split.paths, spec, size, 0, e, fmt.mean, fmt.std), sampler.order(e),
-                                    args.batch, args.workers, device)),
+                                    args.batch, args.workers, device), in_process=args.workers == 0),
     ]
 
 
@@ -232,7 +264,11 @@ def write_auto_table(path: Path, results: dict[str, dict[str, float]], sections:
     backend_of = {(c.section, c.name): c.backend for c in contenders if c.backend}
     written = {}
     for section, kind in sections.items():
-        figures = {backend_of[(section, n)]: v for n, v in results.get(section, {}).items() if (section, n) in backend_of}
+        figures: dict[str, float] = {}  # backend -> its best contender (DALI may run with several lane counts)
+        for name, value in results.get(section, {}).items():
+            backend = backend_of.get((section, name))
+            if backend:
+                figures[backend] = max(value, figures.get(backend, 0.0))
         if len(figures) < 2:
             continue
         written[auto_key(kind, device)] = {
@@ -252,17 +288,25 @@ def write_auto_table(path: Path, results: dict[str, dict[str, float]], sections:
     return written
 
 
-def report(results: dict[str, dict[str, list[float]]], contenders: list[Contender], device: torch.device) -> dict:
+def report(results: dict[str, dict[str, list[Timing]]], contenders: list[Contender],
+           device: torch.device) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Print median img/s (and CPU us/img of in-process contenders); return both medians per section."""
     labels = {(c.section, c.name): c.label for c in contenders}
+    in_process = {(c.section, c.name) for c in contenders if c.in_process}
     medians: dict[str, dict[str, float]] = {}
-    print(f"\n{'section':<10} {'contender':<44} {'median img/s':>14}  runs (img/s)")
+    cpu_medians: dict[str, dict[str, float]] = {}
+    print(f"\n{'section':<10} {'contender':<44} {'median img/s':>14} {'CPU us/img':>11}  runs (img/s)")
     for section, per in results.items():
-        medians[section] = {}
+        medians[section], cpu_medians[section] = {}, {}
         for name, runs in per.items():
-            med = statistics.median(runs)
+            med = statistics.median(r.img_s for r in runs)
             medians[section][name] = med
-            shown = ", ".join(f"{r:,.0f}" for r in runs)
-            print(f"{section:<10} {labels[(section, name)]:<44} {med:>14,.0f}  {shown}")
+            cpu = "-"
+            if (section, name) in in_process:
+                cpu_medians[section][name] = statistics.median(r.cpu_us_per_img for r in runs)
+                cpu = f"{cpu_medians[section][name]:.1f}"
+            shown = ", ".join(f"{r.img_s:,.0f}" for r in runs)
+            print(f"{section:<10} {labels[(section, name)]:<44} {med:>14,.0f} {cpu:>11}  {shown}")
         base = medians[section].get("dataloader")
         dali = medians[section].get("dali")
         for name, med in medians[section].items():
@@ -275,20 +319,22 @@ def report(results: dict[str, dict[str, list[float]]], contenders: list[Contende
             got = medians[section][name]
             verdict = "met" if got >= target else "MISSED"
             print(f"target {section}/{name} on {dev}: {got:,.0f} img/s vs {target:,.0f}: {verdict}")
-    return medians
+    return medians, cpu_medians
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--sections", default="", help="comma-separated subset of arrays,jpeg,jpeg224 (default: all for the device)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--array-batch", type=int, default=0, help="batch size of the arrays section (default: --batch)")
-    parser.add_argument("--batches", type=int, default=40,
+    parser.add_argument("--batches", type=int, default=100,
                         help="timed batches per contender per repeat (at most one epoch minus the warm-up)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed batches before each measurement")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers, DALI and Pillow threads")
+    parser.add_argument("--dali-lanes", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                        help="arrays: also time DALI with these lane counts, e.g. 1,2,4 (default: only its default)")
     parser.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--array-images", type=int, default=50_000)
     parser.add_argument("--jpeg-images", type=int, default=5_000)
@@ -318,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.torch_threads)
     print(f"pipelines.bench on {machine_name(device)}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"batch {args.batch} (arrays {args.array_batch or args.batch}), {args.repeats} repeats x up to "
-          f"{args.batches} batches after {args.warmup} warm-up, {args.workers} workers/threads")
+          f"{args.batches} batches after {args.warmup} warm-up, {args.workers} workers/threads, "
+          f"malloc tunables {'on' if os.environ.get(TUNABLES_VAR) else 'off'}")
     with tempfile.TemporaryDirectory(prefix="rrd-bench-") as tmp:
         data_dir = args.data_dir or Path(tmp)
         contenders: list[Contender] = []
@@ -335,15 +382,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"jpeg224: {len(split.paths)} {args.jpeg224_side}x{args.jpeg224_side} JPEGs ready in "
                   f"{time.perf_counter() - t0:.1f} s")
             contenders += file_contenders("jpeg224", split, "imagenet", 224, args, device)
-        results: dict[str, dict[str, list[float]]] = {}
+        results: dict[str, dict[str, list[Timing]]] = {}
         for rep in range(args.repeats):
             for c in contenders:
-                rate = time_batches(c.batches, rep, args.batches, args.warmup, device)
-                results.setdefault(c.section, {}).setdefault(c.name, []).append(rate)
-                print(f"  repeat {rep + 1}: {c.section:<8} {c.label:<44} {rate:>12,.0f} img/s", flush=True)
-        medians = report(results, contenders, device)
+                timing = time_batches(c.batches, rep, args.batches, max(args.warmup, c.warmup), device)
+                results.setdefault(c.section, {}).setdefault(c.name, []).append(timing)
+                print(f"  repeat {rep + 1}: {c.section:<8} {c.label:<44} {timing.img_s:>12,.0f} img/s", flush=True)
+        medians, cpu_medians = report(results, contenders, device)
     if args.json:
-        args.json.write_text(json.dumps({"device": machine_name(device), "medians": medians}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"device": machine_name(device), "medians": medians,
+                                         "cpu_us_per_img": cpu_medians}, indent=2) + "\n")
     if args.write_auto_table:
         kinds = {"arrays": "array", "jpeg": "files", "jpeg224": "files"}
         chosen = {s: kinds[s] for s in sections if not (s == "jpeg" and "jpeg224" in sections)}

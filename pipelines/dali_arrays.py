@@ -1,11 +1,19 @@
 """DALI pipeline for in-memory splits (CIFAR-10/100, Fashion-MNIST, STL-10 after reading).
 
-The split stays where the trainer runs: a numpy array on CPU machines, one uint8 tensor on
-the GPU otherwise. Each batch is gathered by sample index, and the crop offsets and flips
-from `CropFlipSpec.params(seed, epoch, index)` are fed in as per-sample inputs. DALI then
-pads and crops (`fn.slice`, zero fill outside the image), mirrors and normalises to float
-NCHW (`fn.crop_mirror_normalize`). The output is therefore a pure function of
-(seed, epoch, index) and equals `ArrayPipeline`'s up to float rounding of the normalisation.
+The split is zero-padded once and stays where the trainer runs: a numpy array on CPU
+machines, one uint8 tensor on the GPU otherwise. Each batch is gathered by sample index,
+and the crop offsets and flips from `CropFlipSpec.params(seed, epoch, index)` are fed in as
+per-sample inputs. One fused `fn.crop_mirror_normalize` then crops the padded image (offset
+o becomes the relative position o / 2·pad, which DALI rounds back to exactly o), mirrors
+and normalises to float NCHW. The output is therefore a pure function of (seed, epoch,
+index) and equals `ArrayPipeline`'s up to float rounding of the normalisation.
+
+Lanes: for 32×32 images DALI's per-sample bookkeeping (each per-sample argument costs
+about as much as the pixel work) dominates, and a second worker thread in one pipeline
+barely helps. So on CPU the pipeline runs several independent DALI pipelines ("lanes",
+see `default_lanes`) and deals whole batches to them in turn: batch i goes to lane
+i mod lanes, and batches come back in order. Every batch is still the same pure function
+of (seed, epoch, index), whatever the number of lanes.
 """
 
 from __future__ import annotations
@@ -14,10 +22,12 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pipelines.augment import CropFlipSpec
 from pipelines.batch import Batch
-from pipelines.dali_common import DaliRunner, Source, Work, batch_from_outputs, import_dali, output_dtype
+from pipelines.dali_common import (DaliRunner, Source, Work, batch_from_outputs, default_lanes, default_threads,
+                                   import_dali, output_dtype, round_robin)
 from pipelines.sampler import EpochSampler
 
 
@@ -36,7 +46,9 @@ class DaliArrayPipeline:
         dtype: torch.dtype = torch.float32,
         num_threads: int | None = None,
         prefetch: int = 2,
+        lanes: int | None = None,
     ) -> None:
+        """`lanes` DALI pipelines with `num_threads` workers each (defaults: `default_lanes`)."""
         if images.ndim != 4 or images.dtype != np.uint8:
             raise ValueError(f"images must be uint8 N×H×W×C, got {images.dtype} {images.shape}")
         self.dali = import_dali()
@@ -49,36 +61,43 @@ class DaliArrayPipeline:
         self.height, self.width, self.channels = h, w, c
         self.pad = augment.pad if augment is not None else 0
         self._on_gpu = self.device.type == "cuda"
-        if self._on_gpu:
-            self._images: Any = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
-        else:
-            self._images = np.ascontiguousarray(images)
+        self._images: Any = self._padded(images)
         self._labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
         self._mean = [255.0 * m for m in mean]
         self._std = [255.0 * s for s in std]
-        self._num_threads, self._prefetch = num_threads, prefetch
-        self._runner = self._make_runner(prefetch)
+        self.lanes = lanes or default_lanes(self.device)
+        self.threads_per_lane = num_threads or max(1, default_threads(self.device) // self.lanes)
+        self._runners = [self._make_runner(prefetch) for _ in range(self.lanes)]
         self._single: DaliRunner | None = None  # for batch_for, so it never disturbs a running epoch
+
+    def _padded(self, images: np.ndarray) -> Any:
+        """The split with `pad` zero rows and columns on every side, on the pipeline's device."""
+        p = self.pad
+        if self._on_gpu:
+            on_device = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+            return F.pad(on_device, (0, 0, p, p, p, p)) if p else on_device
+        if not p:
+            return np.ascontiguousarray(images)
+        return np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
 
     # ------------------------------------------------------------------ graph
     def _sources(self) -> list[Source]:
         types = self.dali.types
         src = [Source(types.UINT8, 3, "HWC", "gpu" if self._on_gpu else "cpu")]
         if self.augment is not None:
-            src += [Source(types.INT32, 1), Source(types.INT32, 0)]
+            src += [Source(types.INT32, 0)]  # mirror
+            if self.pad:
+                src += [Source(types.FLOAT, 0), Source(types.FLOAT, 0)]  # relative crop position y, x
         return src
 
     def _define(self, nodes: list[Any]) -> list[Any]:
-        fn = self.dali.fn
-        images = nodes[0]
-        mirror: Any = 0
+        crop: dict[str, Any] = {}
         if self.augment is not None:
-            anchor, mirror = nodes[1], nodes[2]
+            crop["mirror"] = nodes[1]
             if self.pad:
-                images = fn.slice(images, start=anchor, shape=[self.height, self.width], axis_names="HW",
-                                  out_of_bounds_policy="pad", fill_values=0)
-        out = fn.crop_mirror_normalize(images, mirror=mirror, mean=self._mean, std=self._std,
-                                       dtype=self._out_type, output_layout="CHW")
+                crop.update(crop=(self.height, self.width), crop_pos_y=nodes[2], crop_pos_x=nodes[3])
+        out = self.dali.fn.crop_mirror_normalize(nodes[0], mean=self._mean, std=self._std, dtype=self._out_type,
+                                                 output_layout="CHW", **crop)
         return [out]
 
     def _inputs(self, work: Work) -> tuple[Any, ...]:
@@ -89,13 +108,16 @@ class DaliArrayPipeline:
             images = self._images[work.index]
         if self.augment is None:
             return (images,)
-        anchor = np.ascontiguousarray(work.aug[:, :2] - self.pad, dtype=np.int32)
         mirror = np.ascontiguousarray(work.aug[:, 2], dtype=np.int32)
-        return images, anchor, mirror
+        if not self.pad:
+            return images, mirror
+        # Offset o in [0, 2·pad] as a relative position; DALI rounds o / 2·pad · 2·pad back to o.
+        position = work.aug[:, :2].astype(np.float32) / np.float32(2 * self.pad)
+        return images, mirror, np.ascontiguousarray(position[:, 0]), np.ascontiguousarray(position[:, 1])
 
     def _make_runner(self, prefetch: int, batch_size: int | None = None) -> DaliRunner:
         return DaliRunner(self._sources(), self._define, self._inputs, batch_size or self.sampler.batch_size, self.device,
-                          num_threads=self._num_threads, prefetch=prefetch)
+                          num_threads=self.threads_per_lane, prefetch=prefetch)
 
     # ------------------------------------------------------------------ interface
     def __len__(self) -> int:
@@ -120,8 +142,15 @@ class DaliArrayPipeline:
         this epoch's sample order (the teacher cache replays its stored views this way).
         """
         aug = epoch if aug_epoch is None else aug_epoch
-        works = (self._work(index, aug) for index in self.sampler.batches(epoch)[start_step:])
-        for work, outputs in self._runner.run(works):
+        plan = self.sampler.batches(epoch)[start_step:]
+        if not plan:
+            return
+        # One vectorised hash for the whole epoch instead of one small one per batch.
+        params = self.aug_params(np.concatenate(plan).astype(np.int64), aug)
+        ends = np.cumsum([len(index) for index in plan])
+        works = [Work(index=np.asarray(index, dtype=np.int64), epoch=aug, aug=params[end - len(index):end])
+                 for index, end in zip(plan, ends)]
+        for work, outputs in round_robin(self._runners, works):
             yield self._batch(work, outputs)
 
     def batch_for(self, index: np.ndarray, epoch: int) -> Batch:

@@ -42,7 +42,8 @@ def _pair(split: ArraySplit, fmt_name: str, sampler: EpochSampler, augment: Crop
 
 
 @pytest.mark.parametrize("fmt_name,pad,flip", [("cifar100", 4, True), ("fashion_mnist", 4, True),
-                                               ("stl10", 12, True), ("cifar100", 0, True), ("cifar100", 4, False)])
+                                               ("stl10", 12, True), ("cifar100", 3, True), ("cifar100", 0, True),
+                                               ("cifar100", 4, False)])
 def test_train_batches_equal_torch_pipeline(splits: dict, fmt_name: str, pad: int, flip: bool) -> None:
     split = splits[fmt_name]
     sampler = EpochSampler(len(split.labels), 16, seed=11)
@@ -145,6 +146,28 @@ def test_aug_epoch_replays_another_epochs_views_in_this_epochs_order(splits: dic
         assert bd.index.tolist() == planned.tolist() and bd.epoch == bt.epoch == 2
         assert torch.equal(bd.aug, torch.from_numpy(CropFlipSpec().params(9, 2, planned)))
         assert (bt.images - bd.images).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("lanes", [1, 2, 3])
+def test_lanes_change_nothing_but_speed(splits: dict, lanes: int) -> None:
+    """Batches dealt to several DALI pipelines come back in plan order and identical to one lane's."""
+    split = splits["cifar100"]
+    fmt = get_format("cifar100")
+    train = EpochSampler(len(split.labels), 16, seed=4)  # 9 batches: lanes get unequal shares
+    evaluation = EpochSampler(len(split.labels), 64, shuffle=False, drop_last=False)  # 64, 64, 22: fewer than 3 lanes' worth
+    for sampler, augment in ((train, CropFlipSpec(pad=4)), (evaluation, None)):
+        ref = ArrayPipeline(split.images, split.labels, sampler, fmt.mean, fmt.std, augment)
+        d = DaliArrayPipeline(split.images, split.labels, sampler, fmt.mean, fmt.std, augment, lanes=lanes)
+        assert d.lanes == lanes
+        for epoch, start in ((0, 0), (1, 0), (1, 2)):
+            got = list(d.epoch(epoch, start_step=start))
+            assert [b.index.tolist() for b in got] == [i.tolist() for i in sampler.batches(epoch)[start:]]
+            for a, b in zip(ref.epoch(epoch, start_step=start), got, strict=True):
+                assert torch.equal(a.aug, b.aug) and (a.images - b.images).abs().max().item() <= TOL
+    # A finished epoch leaves every lane's DALI pipeline built for the next one.
+    pipes = [runner._pipe for runner in d._runners]
+    list(d.epoch(2))
+    assert all(p is not None for p in pipes) and [runner._pipe for runner in d._runners] == pipes
 
 
 def test_abandoned_epoch_leaves_the_pipeline_usable(splits: dict) -> None:

@@ -98,17 +98,26 @@ def test_bench_runs_and_writes_the_auto_table(tmp_path: Path, capsys: pytest.Cap
     """A miniature run of `python -m pipelines.bench` (figures printed, not asserted)."""
     table = tmp_path / "auto.json"
     _table(table, {"files/cuda": {"backend": "dali", "img_s": {"dali": 1, "torch": 0}}})
-    rc = bench_main(["--repeats", "1", "--batches", "1", "--batch", "32", "--array-images", "128",
+    rc = bench_main(["--repeats", "1", "--batches", "1", "--batch", "32", "--array-images", "192",
                      "--jpeg-images", "100", "--workers", "1", "--data-dir", str(tmp_path / "data"),
-                     "--write-auto-table", str(table)])
+                     "--dali-lanes", "5", "--json", str(tmp_path / "medians.json"), "--write-auto-table", str(table)])
     assert rc == 0
     out = capsys.readouterr().out
-    for label in ("torch ArrayPipeline", "per-sample DataLoader", "per-sample Pillow DataLoader", "ratio dali / torch"):
+    for label in ("torch ArrayPipeline", "per-sample DataLoader", "per-sample Pillow DataLoader", "ratio dali / torch",
+                  "), default", "DALI (5 lanes x "):
         assert label in out
     entries = json.loads(table.read_text())["entries"]
     assert set(entries) == {"array/cpu", "files/cpu", "files/cuda"}  # other device types kept
     for key in ("array/cpu", "files/cpu"):
         assert set(entries[key]["img_s"]) == {"torch", "dali"}
+    # DALI's entry is its best lane count.
+    medians = json.loads((tmp_path / "medians.json").read_text())
+    arrays = medians["medians"]["arrays"]
+    assert set(arrays) == {"torch", "dali", "dali_5", "dataloader"}
+    # CPU cost per image for the contenders whose work runs in this process (not the DataLoader's workers).
+    cpu = medians["cpu_us_per_img"]["arrays"]
+    assert set(cpu) == {"torch", "dali", "dali_5"} and all(v > 0 for v in cpu.values())
+    assert entries["array/cpu"]["img_s"]["dali"] == round(max(arrays["dali"], arrays["dali_5"]))
 
 
 @pytest.mark.gpu
