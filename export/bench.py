@@ -63,8 +63,20 @@ class Student:
 
     @property
     def method(self) -> str:
-        method = self.meta.get("method")
-        return str(method.get("name")) if isinstance(method, dict) and method.get("name") else "unknown"
+        """What the student was trained with, KD included when it was weighted in: `kd`, `rrd`, `rrd+kd`."""
+        return method_label(self.meta.get("method"))
+
+
+def method_label(method: Any) -> str:
+    """A checkpoint's `method` record as a label; alpha > 0 adds the KD term to any other method."""
+    if not isinstance(method, dict) or not method.get("name"):
+        return "unknown"
+    name = str(method["name"])
+    try:
+        alpha = float(method.get("alpha") or 0.0)
+    except (TypeError, ValueError):
+        alpha = 0.0
+    return f"{name}+kd" if name != "kd" and alpha > 0 else name
 
 
 def _students(run_dirs: Sequence[str], settings: Settings) -> list[Student]:

@@ -228,6 +228,16 @@ def test_table_and_png_numbers_come_from_json(bench: Path, tmp_path: Path) -> No
     assert plotted == expected
 
 
+def test_method_labels_name_the_kd_term_when_weighted_in() -> None:
+    from export.bench import method_label
+
+    assert method_label({"name": "rrd", "alpha": 1.0, "beta": 1.0}) == "rrd+kd"
+    assert method_label({"name": "rrd", "alpha": 0.0, "beta": 1.0}) == "rrd"
+    assert method_label({"name": "kd", "alpha": 0.9}) == "kd"
+    assert method_label({"name": "vanilla", "alpha": 0.0}) == "vanilla"
+    assert method_label(None) == method_label({"alpha": 1}) == "unknown"
+
+
 def test_pareto_front() -> None:
     # (latency, accuracy): 1 is slower and worse than 0; 3 ties 2 on accuracy but is slower.
     points = [(1.0, 70.0), (2.0, 60.0), (3.0, 80.0), (4.0, 80.0), (0.5, 50.0)]
