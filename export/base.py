@@ -8,7 +8,6 @@ subclasses `Backend`, decorates it with `@register_backend` and is imported by
 
 from __future__ import annotations
 
-import difflib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from export.errors import BackendUnavailable, ExportError
+from pipelines.errors import did_you_mean
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
 
@@ -140,8 +140,7 @@ def register_backend(cls: type[Backend]) -> type[Backend]:
 def get_backend(name: str) -> Backend:
     name = _ALIASES.get(name, name)
     if name not in _BACKENDS:
-        close = difflib.get_close_matches(name, list(_BACKENDS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(name, _BACKENDS)
         raise ExportError(f"--backend: unknown backend {name!r}{hint} (known: {', '.join(list_backends())})")
     return _BACKENDS[name]
 

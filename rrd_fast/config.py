@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from pipelines.errors import did_you_mean
 
 
 class ConfigError(ValueError):
@@ -192,8 +193,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean '{(prefix + '.' if prefix else '') + close[0]}'?" if close else ""
+            hint = did_you_mean(str(key), names, prefix + "." if prefix else "")
             raise ConfigError(f"unknown config key '{full}'{hint}")
         kwargs[key] = _coerce(value, hints[key], full)
     return cls(**kwargs)

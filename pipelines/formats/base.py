@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Protocol, Union
 
 import numpy as np
 
-from pipelines.errors import DataError
+from pipelines.errors import DataError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -74,8 +73,7 @@ def register_format(fmt: DatasetFormat) -> DatasetFormat:
 
 def get_format(name: str) -> DatasetFormat:
     if name not in _FORMATS:
-        close = difflib.get_close_matches(name, list(_FORMATS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(name, _FORMATS)
         raise DataError(f"data.format: unknown dataset format {name!r}{hint} (known: {', '.join(sorted(_FORMATS))})")
     return _FORMATS[name]
 

@@ -8,7 +8,6 @@ batch) to one scalar. The trainer only sums weighted terms; it knows no method n
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from pipelines.batch import Batch
+from pipelines.errors import did_you_mean
 from rrd_fast.models import ModelOutput
 
 
@@ -105,8 +105,7 @@ def register_method(spec: MethodSpec) -> MethodSpec:
 
 def get_method(name: str) -> MethodSpec:
     if name not in _METHODS:
-        close = difflib.get_close_matches(name, list(_METHODS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(name, _METHODS)
         raise MethodError(f"method.name: unknown method {name!r}{hint} (known: {', '.join(sorted(_METHODS))})")
     return _METHODS[name]
 
@@ -126,8 +125,7 @@ def parse_options(term: type[LossTerm], raw: dict[str, Any] | None) -> Any:
     names = [f.name for f in dataclasses.fields(term.Options)]
     for key, value in raw.items():
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(key, names)
             raise MethodError(f"unknown config key 'method.options.{term.name}.{key}'{hint}")
         allowed = typing.get_args(hints[key]) if typing.get_origin(hints[key]) is typing.Literal else None
         if allowed and value not in allowed:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
+
+from pipelines.errors import did_you_mean
 
 
 @dataclass
@@ -51,7 +52,6 @@ def list_models(pattern: str = "*") -> list[str]:
 
 def create_model(name: str, num_classes: int = 100, in_channels: int = 3) -> nn.Module:
     if name not in _MODELS:
-        close = difflib.get_close_matches(name, list(_MODELS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(name, _MODELS)
         raise UnknownModelError(f"unknown model {name!r}{hint} (known: {', '.join(list_models())})")
     return _MODELS[name](num_classes=num_classes, in_channels=in_channels)
