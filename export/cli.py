@@ -13,6 +13,7 @@ from typing import Callable, NoReturn
 from export.errors import ExportError
 from pipelines.errors import DataError
 from rrd_fast.checkpoint import CheckpointError
+from rrd_fast.cli import run_cli as run_with_errors
 from rrd_fast.models import UnknownModelError
 
 USER_ERRORS: tuple[type[Exception], ...] = (ExportError, DataError, CheckpointError, UnknownModelError)
@@ -27,11 +28,5 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def run_cli(main: Callable[[], int]) -> int:
-    try:
-        return main()
-    except USER_ERRORS as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    """The trainer's one-line error handling, for the errors of export and its inputs."""
+    return run_with_errors(main, USER_ERRORS)

@@ -19,11 +19,12 @@ class RunError(RuntimeError):
 USER_ERRORS: tuple[type[Exception], ...] = (DataError, CheckpointError, ConfigError, MethodError, UnknownModelError, RunError)
 
 
-def run_cli(main: Callable[[], int]) -> int:
+def run_cli(main: Callable[[], int], errors: tuple[type[Exception], ...] = USER_ERRORS) -> int:
+    """Run `main`; an exception in `errors` becomes one `error: ...` line on stderr and exit code 2."""
     try:
         return main()
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except errors as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
