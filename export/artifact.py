@@ -9,7 +9,6 @@ corrupted, swapped or mismatched artifact fails with one line instead of wrong n
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 
 from export.base import ArtifactFile, Backend, InputSpec, Runner, get_backend
 from export.errors import ExportError
+from rrd_fast.atomic import read_json_object
 from rrd_fast.checkpoint import sha256_file
 
 ARTIFACT_SIDECAR = "artifact.json"
@@ -37,13 +37,9 @@ def read_artifact_sidecar(folder: str | Path) -> dict[str, Any]:
     path = folder / ARTIFACT_SIDECAR
     if not path.is_file():
         raise ExportError(f"{path}: artifact sidecar not found (expected a folder written by `python -m export`)")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ExportError(f"{path}: not valid JSON ({' '.join(str(exc).split())})") from None
-    if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise ExportError(f"{path}: field 'format' is {found!r}, expected {ARTIFACT_FORMAT!r}")
+    meta = read_json_object(path, ExportError)
+    if meta.get("format") != ARTIFACT_FORMAT:
+        raise ExportError(f"{path}: field 'format' is {meta.get('format')!r}, expected {ARTIFACT_FORMAT!r}")
     for key in _REQUIRED:
         if key not in meta:
             raise ExportError(f"{path}: sidecar is missing field {key!r}")

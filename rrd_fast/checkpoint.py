@@ -7,7 +7,6 @@ training code: architecture, class count, input normalisation and the weights' s
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rrd_fast.atomic import atomic_path, write_json_atomic
+from rrd_fast.atomic import atomic_path, read_json_object, write_json_atomic
 from rrd_fast.models import create_model
 
 WEIGHTS_NAME = "model.safetensors"
@@ -62,10 +61,7 @@ def read_sidecar(ckpt_dir: str | Path) -> dict[str, Any]:
     path = ckpt_dir / SIDECAR_NAME
     if not path.is_file():
         raise CheckpointError(f"{path}: model sidecar not found (expected a run or checkpoint folder)")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    meta = read_json_object(path, CheckpointError)
     if meta.get("format") != SIDECAR_FORMAT:
         raise CheckpointError(f"{path}: field 'format' is {meta.get('format')!r}, expected {SIDECAR_FORMAT!r}")
     return meta

@@ -311,6 +311,9 @@ def test_sidecar_problems_are_one_line(bench: Path, tmp_path: Path) -> None:
     (folder / "artifact.json").write_text("{not json")
     with pytest.raises(ExportError, match=r"artifact\.json: not valid JSON"):
         load_artifact(folder)
+    (folder / "artifact.json").write_text("[1, 2]")
+    with pytest.raises(ExportError, match=r"artifact\.json: expected a JSON object, found list"):
+        load_artifact(folder)
     (folder / "artifact.json").unlink()
     with pytest.raises(ExportError, match="artifact sidecar not found"):
         load_artifact(folder)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rrd_fast.checkpoint import read_model_checkpoint
+from rrd_fast.checkpoint import CheckpointError, read_model_checkpoint
 from rrd_fast.models import create_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,3 +68,13 @@ def test_import_never_runs_pickled_code(tmp_path: Path) -> None:
     assert not marker.exists()
     with pytest.raises(pickle.UnpicklingError):
         torch.load(pth, weights_only=True)
+
+
+@pytest.mark.parametrize("content,needle", [(b"{not json", "not valid JSON"), (b"\xff\xfe\x00", "not valid JSON"),
+                                            (b"[1, 2]", "expected a JSON object, found list")])
+def test_unreadable_model_sidecar_is_one_line(tmp_path: Path, content: bytes, needle: str) -> None:
+    (tmp_path / "model.json").write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        read_model_checkpoint(tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'model.json'}: {needle}") and "\n" not in message
