@@ -59,6 +59,11 @@ class CropFlipSpec:
     flip: bool = True
     kind: Literal["crop_flip"] = "crop_flip"
 
+    @staticmethod
+    def identity(n: int) -> np.ndarray:
+        """The parameters recorded for `n` unaugmented (evaluation) samples, shaped like `params`."""
+        return np.zeros((n, 3), dtype=np.int32)
+
     def params(self, seed: int, epoch: int, index: np.ndarray) -> np.ndarray:
         """int32 array B×3: (dy, dx, flip); dy, dx in [0, 2*pad] are offsets into the padded image."""
         index = np.asarray(index)
@@ -83,6 +88,11 @@ class ResizedCropSpec:
     flip: bool = True
     attempts: int = 10
     kind: Literal["resized_crop"] = "resized_crop"
+
+    @staticmethod
+    def identity(n: int) -> np.ndarray:
+        """The parameters recorded for `n` unaugmented (evaluation) samples, shaped like `params`."""
+        return np.zeros((n, 5), dtype=np.float32)
 
     def params(self, seed: int, epoch: int, index: np.ndarray) -> np.ndarray:
         """float32 array B×5: (y0, x0, h, w, flip), box coordinates as fractions of the image."""

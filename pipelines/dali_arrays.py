@@ -125,7 +125,7 @@ class DaliArrayPipeline:
 
     def aug_params(self, index: np.ndarray, epoch: int) -> np.ndarray:
         if self.augment is None:
-            return np.zeros((len(index), 3), dtype=np.int32)
+            return CropFlipSpec.identity(len(index))
         return self.augment.params(self.sampler.seed, epoch, index)
 
     def _work(self, index: np.ndarray, epoch: int) -> Work:

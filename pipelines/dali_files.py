@@ -194,7 +194,7 @@ class DaliFilePipeline:
         if self._checker is None:
             self._checker = DaliRunner([Source(self.dali.types.UINT8, 1)], lambda nodes: [self._decode(nodes[0])],
                                        lambda work: work.inputs, 1, self.device, num_threads=1, prefetch=1)
-        probe = Work(index=np.zeros(1, np.int64), epoch=0, aug=np.zeros((1, 5), np.float32), inputs=([data],))
+        probe = Work(index=np.zeros(1, np.int64), epoch=0, aug=ResizedCropSpec.identity(1), inputs=([data],))
         try:
             for _ in self._checker.run([probe]):
                 pass
@@ -238,7 +238,7 @@ class DaliFilePipeline:
 
     def aug_params(self, index: np.ndarray, epoch: int) -> np.ndarray:
         if self.augment is None:
-            return np.zeros((len(index), 5), dtype=np.float32)
+            return ResizedCropSpec.identity(len(index))
         return self.augment.params(self.sampler.seed, epoch, index)
 
     def _batch(self, work: Work, outputs: list[Any]) -> Batch:
@@ -247,7 +247,7 @@ class DaliFilePipeline:
     def _empty(self, epoch: int) -> Batch:
         z = torch.zeros(0, dtype=torch.int64, device=self.device)
         images = torch.zeros((0, 3, self.size, self.size), dtype=self.dtype, device=self.device)
-        aug = torch.zeros((0, 5), dtype=torch.float32, device=self.device)
+        aug = torch.from_numpy(ResizedCropSpec.identity(0)).to(self.device)
         return Batch(images=images, labels=z, index=z.clone(), aug=aug, epoch=epoch)
 
     def epoch(self, epoch: int, start_step: int = 0, aug_epoch: int | None = None) -> Iterator[Batch]:

@@ -106,7 +106,7 @@ class FilePipeline:
 
     def aug_params(self, index: np.ndarray, epoch: int) -> np.ndarray:
         if self.augment is None:
-            return np.zeros((len(index), 5), dtype=np.float32)
+            return ResizedCropSpec.identity(len(index))
         return self.augment.params(self.sampler.seed, epoch, index)
 
     # ------------------------------------------------------------------ decoding

@@ -91,7 +91,7 @@ class ArrayPipeline:
         """int32 B×3 (dy, dx, flip), read from the epoch's table: identical to `augment.params`."""
         index = np.asarray(index, dtype=np.int64)
         if self.augment is None:
-            return np.zeros((len(index), 3), dtype=np.int32)
+            return CropFlipSpec.identity(len(index))
         if index.size and (index.min() < 0 or index.max() >= self.size):
             raise IndexError(f"sample index out of range 0..{self.size - 1}")
         tables = self._tables
