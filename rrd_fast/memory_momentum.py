@@ -104,6 +104,13 @@ def momentum_rows(old: torch.Tensor, new: torch.Tensor, momentum: float) -> torc
     return F.normalize(old * momentum + new * (1.0 - momentum), dim=1)
 
 
+def _check_bank_args(num_samples: int, labels: Any, momentum: float) -> None:
+    if len(labels) != num_samples:
+        raise ValueError(f"momentum memory: {len(labels)} labels for {num_samples} samples")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+
+
 class MomentumMemory(Memory):
     """Both banks whole on this process: the single-process memory, `local` and `replicated` modes.
 
@@ -116,10 +123,7 @@ class MomentumMemory(Memory):
         super().__init__()
         if num_samples <= 0 or dim <= 0:
             raise ValueError(f"momentum memory needs a positive sample count and dim, got {num_samples}×{dim}")
-        if len(labels) != num_samples:
-            raise ValueError(f"momentum memory: {len(labels)} labels for {num_samples} samples")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        _check_bank_args(num_samples, labels, momentum)
         self.sampler = NegativeSampler(labels, negatives, seed)
         self.momentum, self.gather, self.per_rank = momentum, gather, per_rank
         self.num_samples = num_samples
@@ -218,10 +222,7 @@ class ShardedMomentumMemory(Memory):
         rank, size = world()
         if num_samples < size:
             raise ValueError(f"momentum memory of {num_samples} rows cannot be split over {size} processes")
-        if len(labels) != num_samples:
-            raise ValueError(f"momentum memory: {len(labels)} labels for {num_samples} samples")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        _check_bank_args(num_samples, labels, momentum)
         self.sampler = NegativeSampler(labels, negatives, seed)
         self.momentum, self.rank, self.num_samples = momentum, rank, num_samples
         self.start, self.stop = row_range(num_samples, size, rank)
