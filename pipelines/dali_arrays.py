@@ -142,14 +142,13 @@ class DaliArrayPipeline:
         this epoch's sample order (the teacher cache replays its stored views this way).
         """
         aug = epoch if aug_epoch is None else aug_epoch
-        plan = self.sampler.batches(epoch)[start_step:]
+        plan = [np.asarray(index, dtype=np.int64) for index in self.sampler.batches(epoch)[start_step:]]
         if not plan:
             return
         # One vectorised hash for the whole epoch instead of one small one per batch.
-        params = self.aug_params(np.concatenate(plan).astype(np.int64), aug)
-        ends = np.cumsum([len(index) for index in plan])
-        works = [Work(index=np.asarray(index, dtype=np.int64), epoch=aug, aug=params[end - len(index):end])
-                 for index, end in zip(plan, ends)]
+        params = self.aug_params(np.concatenate(plan), aug)
+        rows = np.split(params, np.cumsum([len(index) for index in plan])[:-1])
+        works = [Work(index=index, epoch=aug, aug=own) for index, own in zip(plan, rows)]
         for work, outputs in round_robin(self._runners, works):
             yield self._batch(work, outputs)
 
