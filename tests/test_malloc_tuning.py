@@ -103,8 +103,10 @@ import torch, torch.distributed as dist
 dist.init_process_group("gloo")
 total = torch.tensor([dist.get_rank() + 1.0])
 dist.all_reduce(total)
-print(json.dumps({"rank": dist.get_rank(), "world": dist.get_world_size(), "sum": total.item(),
-                  "tunables": os.environ.get("GLIBC_TUNABLES")}), flush=True)
+# One file per rank: two processes printing to one pipe can interleave their lines.
+with open(f"report{dist.get_rank()}.json", "w") as fh:
+    json.dump({"rank": dist.get_rank(), "world": dist.get_world_size(), "sum": total.item(),
+               "tunables": os.environ.get("GLIBC_TUNABLES")}, fh)
 dist.destroy_process_group()
 """)
     env = clean_env(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
@@ -112,7 +114,7 @@ dist.destroy_process_group()
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), "x=1"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{") and '"sum"' in line]
+    reports = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("report*.json"))]
     assert sorted(r["rank"] for r in reports) == [0, 1]
     assert all(r["world"] == 2 and r["sum"] == 3.0 and r["tunables"] == TUNABLES for r in reports)
     starts = [line.split()[1] for line in proc.stderr.splitlines() if line.startswith("start ")]
