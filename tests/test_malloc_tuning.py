@@ -17,13 +17,16 @@ REPO = Path(__file__).resolve().parent.parent
 LINUX_GLIBC = sys.platform.startswith("linux") and glibc_version() is not None
 needs_glibc = pytest.mark.skipif(not LINUX_GLIBC, reason="needs Linux with glibc")
 
-# Prints one line per process start (PID and argv) on stderr, then, after the re-exec, a
+# Prints one line per process start (PID and argv) on stderr, and appends the PID to
+# starts.log in the working folder, then, after the re-exec, a
 # JSON report including the size of the brk heap after a 64 MiB allocation: with the
 # tunables glibc serves it from the heap, without them from a separate mmap.
 PROBE = """
 import json, os, sys
 sys.path.insert(0, {repo!r})
 print("start", os.getpid(), json.dumps(sys.argv), file=sys.stderr, flush=True)
+with open("starts.log", "a") as log:  # appends of one short line are atomic even from several processes
+    log.write(f"start {{os.getpid()}}\\n")
 from rrd_fast.malloc_tuning import reexec_with_malloc_tuning
 reexec_with_malloc_tuning()
 block = bytearray(64 << 20)
@@ -117,5 +120,6 @@ dist.destroy_process_group()
     reports = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("report*.json"))]
     assert sorted(r["rank"] for r in reports) == [0, 1]
     assert all(r["world"] == 2 and r["sum"] == 3.0 and r["tunables"] == TUNABLES for r in reports)
-    starts = [line.split()[1] for line in proc.stderr.splitlines() if line.startswith("start ")]
-    assert len(starts) == 4 and len(set(starts)) == 2  # each of the two PIDs started twice
+    # Read from a file: the launcher's shared stderr pipe can split a line between processes.
+    starts = [line.split()[1] for line in (tmp_path / "starts.log").read_text().splitlines()]
+    assert len(starts) == 4 and len(set(starts)) == 2, proc.stderr[-3000:]  # each of the two PIDs started twice
