@@ -49,7 +49,8 @@ def clean_env(**extra: str) -> dict[str, str]:
 def run_probe(tmp_path: Path, env: dict[str, str], *args: str) -> tuple[dict, list[str]]:
     script = tmp_path / "probe.py"
     script.write_text(PROBE.format(repo=str(REPO)))
-    proc = subprocess.run([sys.executable, "-X", "utf8", str(script), *args], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-X", "utf8", str(script), *args], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     starts = [line for line in proc.stderr.splitlines() if line.startswith("start ")]
     return json.loads(proc.stdout.strip().splitlines()[-1]), starts
