@@ -11,7 +11,8 @@ from pipelines import synthetic as syn
 from pipelines.augment import CropFlipSpec
 from pipelines.backends import build_pipeline
 from pipelines.dali_arrays import DaliArrayPipeline
-from pipelines.formats import ArraySplit, get_format, read_split
+from pipelines.formats import ArraySplit, get_format, head, read_split
+from pipelines.formats.fashion_mnist import DEBIAN_FASHION_MNIST
 from pipelines.sampler import EpochSampler
 from pipelines.torch_pipeline import ArrayPipeline
 
@@ -60,6 +61,21 @@ def test_train_batches_equal_torch_pipeline(splits: dict, fmt_name: str, pad: in
     # The augmentation really varies (otherwise parity would be trivial).
     aug = torch.cat([b.aug for b in d.epoch(0)])
     assert len(torch.unique(aug[:, 0])) > (1 if pad else 0) and (aug[:, 2].any().item() == flip)
+
+
+@pytest.mark.skipif(not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").exists(),
+                    reason="real Fashion-MNIST not installed (Debian package dataset-fashion-mnist)")
+def test_real_fashion_mnist_batches_equal_torch_pipeline() -> None:
+    """Real photographs of clothes, not noise: the first 4096 training images, batch 256, two epochs."""
+    split = head(read_split("fashion_mnist", DEBIAN_FASHION_MNIST, "train"), 4096)
+    sampler = EpochSampler(len(split.labels), 256, seed=5)
+    t, d = _pair(split, "fashion_mnist", sampler, CropFlipSpec(pad=4))
+    for epoch in (0, 1):
+        for bt, bd in zip(t.epoch(epoch), d.epoch(epoch), strict=True):
+            assert torch.equal(bt.index, bd.index) and torch.equal(bt.labels, bd.labels) and torch.equal(bt.aug, bd.aug)
+            assert bd.images.shape == (256, 1, 28, 28)
+            assert (bt.images - bd.images).abs().max().item() <= TOL
+    assert bd.images.std().item() > 0.5  # real pixels, not a blank image
 
 
 def test_eval_batches_equal_with_partial_last_batch(splits: dict) -> None:
