@@ -25,9 +25,12 @@ DEFAULT_CALIB_SAMPLES = 512
 
 
 def resolve_device(requested: str) -> str:
-    """`auto` -> cuda when a CUDA device is visible, else cpu."""
+    """`auto` -> cuda when a CUDA device is visible, else cpu; an explicit cuda needs one."""
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ExportError("--device cuda: no CUDA device is available to this torch "
+                          f"({torch.__version__}); use --device cpu or auto")
     return requested
 
 

@@ -1,26 +1,63 @@
 #!/usr/bin/env bash
 # GPU checks: the gpu-marked tests and GPU benchmarks, one section per area. Run on a
-# machine with an NVIDIA GPU after scripts/setup.sh. Each section is self-contained.
-set -euo pipefail
+# machine with an NVIDIA GPU, after scripts/setup.sh or on the lent device machine as it is
+# (its python3 holds a CUDA torch; DALI comes through scripts/device_wheels.sh, whose
+# install folder is put on PYTHONPATH here). Every section runs even when an earlier one
+# fails; the summary at the end names the failed ones and the exit code is non-zero. With
+# $OUT set (the device tool), the whole log is also written to $OUT/gpu_check.log.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
+SITE=${RRD_DEVICE_SITE:-/tmp/rrd-site}
+[ -d "$SITE" ] && export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the project itself, where it is not pip-installed (device)
+if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then
+    exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+fi
+export PYTHONUNBUFFERED=1
+"$PY" -c "import torch; print('gpu_check: torch', torch.__version__, 'CUDA', torch.version.cuda, 'devices', torch.cuda.device_count())"
+if ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    echo "gpu_check: no CUDA device is visible to $PY's torch; these checks need one" >&2
+    exit 2
+fi
+
+FAILED=()
+section() {  # section NAME FUNCTION: run it with errexit in a subshell, record a failure, go on
+    local name=$1 start=$SECONDS status
+    echo "=== gpu_check: $name"
+    (set -e; "$2")  # not inside `if`: bash would ignore errexit there
+    status=$?
+    if [ "$status" = 0 ]; then
+        echo "=== gpu_check: $name passed in $((SECONDS - start)) s"
+    else
+        echo "=== gpu_check: $name FAILED (exit $status) after $((SECONDS - start)) s"
+        FAILED+=("$name")
+    fi
+}
 
 # pipelines
 # DALI with a GPU-resident source and nvJPEG ("mixed") decode, half-precision outputs; then
 # the GPU benchmark: 32x32 in-memory arrays (target >= 1M img/s) and 224x224 random-resized
 # crops from JPEG (target >= 20k img/s), recorded in the auto table. About a minute.
-"$PY" -m pytest -q -m gpu tests/test_dali_arrays.py tests/test_dali_files.py tests/test_dali_train.py
-"$PY" -m pipelines.bench --device cuda --sections arrays,jpeg224 --repeats 3 --warmup 3 --batch 256 --array-batch 1024 \
-    --batches 40 --workers 8 --jpeg224-images 4096 --dali-lanes 1,2,4 --write-auto-table
-if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then cp pipelines/auto_backend.json "$OUT/auto_backend.json"; fi
+pipelines_on_gpu() {
+    if ! "$PY" -c "import nvidia.dali" >/dev/null 2>&1; then
+        echo "pipelines: NVIDIA DALI is not importable; on the device machine run scripts/device_wheels.sh first"
+        return 1
+    fi
+    "$PY" -m pytest -q -m gpu tests/test_dali_arrays.py tests/test_dali_files.py tests/test_dali_train.py
+    "$PY" -m pipelines.bench --device cuda --sections arrays,jpeg224 --repeats 3 --warmup 3 --batch 256 --array-batch 1024 \
+        --batches 40 --workers 8 --jpeg224-images 4096 --dali-lanes 1,2,4 --write-auto-table
+    if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then cp pipelines/auto_backend.json "$OUT/auto_backend.json"; fi
+}
+section pipelines pipelines_on_gpu
 
 # export
 # Exporters on the GPU (Torch-TensorRT fp32/fp16/int8, ONNX Runtime CUDA provider, AOTInductor
 # on CUDA, eager fp16), then the GPU bench: a randomly initialised resnet8x4 on a synthetic
 # CIFAR-100 split, TensorRT fp16 against eager fp16 at batch 1 and 256. Without torch_tensorrt
 # the bench falls back to ONNX Runtime (CUDA provider) and AOTInductor. About two minutes.
-(
+export_on_gpu() {
     EXPORT_TMP=$(mktemp -d)
     trap 'rm -rf "$EXPORT_TMP"' EXIT
     "$PY" -m pytest -q -m gpu tests/test_export_gpu.py
@@ -57,8 +94,18 @@ PYEOF
         mkdir -p "$OUT/export"
         cp "$EXPORT_TMP"/bench/bench.{json,md,png} "$OUT/export/"
     fi
-)
+}
+section export export_on_gpu
 
 # trainer and cache
 # The torch pipeline with the split on the GPU and the teacher cache's pinned, non-blocking reads.
-"$PY" -m pytest -q -m gpu tests/test_torch_pipeline.py tests/test_cache.py
+trainer_and_cache_on_gpu() {
+    "$PY" -m pytest -q -m gpu tests/test_torch_pipeline.py tests/test_cache.py
+}
+section "trainer and cache" trainer_and_cache_on_gpu
+
+if [ ${#FAILED[@]} -gt 0 ]; then
+    echo "gpu_check: FAILED: ${FAILED[*]}"
+    exit 1
+fi
+echo "gpu_check: every section passed"

@@ -396,11 +396,14 @@ def test_cli_missing_checkpoint_exit_2(tmp_path: Path, capsys: pytest.CaptureFix
     (["--backends", "eager,tensorrt"], "backend 'tensorrt' is not available"),
     (["--iters", "0"], "--iters must be >= 1"),
     (["--data", "missing.yaml"], "missing.yaml: --data config not found"),
+    (["--device", "cuda"], "--device cuda: no CUDA device is available"),
 ])
 def test_bench_cli_bad_input_exit_2(student: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                     args: list[str], message: str) -> None:
     if "tensorrt" in message and get_backend("tensorrt").missing() is None:
         pytest.skip("torch_tensorrt is installed here")
+    if "cuda" in message and torch.cuda.is_available():
+        pytest.skip("a CUDA device is available here")
     assert run_cli(lambda: bench_main([str(student), "--backends", "eager", *args, "--out", str(tmp_path / "b")])) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
