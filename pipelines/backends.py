@@ -33,6 +33,7 @@ FALLBACK_BACKEND = "torch"
 
 class Pipeline(Protocol):
     sampler: EpochSampler
+    dtype: torch.dtype  # of the images it yields
 
     def __len__(self) -> int: ...
 

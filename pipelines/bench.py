@@ -4,6 +4,7 @@
     python -m pipelines.bench --device cuda         # GPU: adds 224×224 random-resized crops from JPEG
     python -m pipelines.bench --write-auto-table    # also record the faster backend for data.pipeline=auto
     python -m pipelines.bench --sections arrays --dali-lanes 1,2,4   # DALI with other lane counts too
+    python -m pipelines.bench --half bf16,fp16      # also the half-precision batches mixed-precision runs get
 
 Sections:
 - arrays: 50k uint8 32×32×3 images, batch 256, pad-4 crop + flip + normalise: the torch
@@ -200,6 +201,12 @@ def array_contenders(args: argparse.Namespace, device: torch.device) -> list[Con
         label = f"DALI ({_count_of(pipe.lanes, 'lane')} x {_count_of(pipe.threads_per_lane, 'thread')})"
         out.append(Contender("arrays", name, label + (", default" if name == "dali" else ""), pipe.epoch, "dali",
                              warmup=pipe.lanes))
+    for name, dtype in args.half:  # what mixed-precision runs get: half-precision batches
+        half_torch = build_pipeline("torch", split, fmt, sampler, spec, device=device, dtype=dtype)
+        half_dali = DaliArrayPipeline(images, labels, sampler, fmt.mean, fmt.std, spec, device=device, dtype=dtype)
+        out += [Contender("arrays", f"torch_{name}", f"torch ArrayPipeline, {name} batches", half_torch.epoch),
+                Contender("arrays", f"dali_{name}", f"DALI ({_count_of(half_dali.lanes, 'lane')}), {name} batches",
+                          half_dali.epoch, warmup=half_dali.lanes)]
     out.append(Contender(
         "arrays", "dataloader", f"per-sample DataLoader ({args.workers} workers)",
         lambda e: _loader(ArraySamples(images, spec, 0, e, fmt.mean, fmt.std), sampler.order(e), batch,
@@ -220,9 +227,18 @@ def file_contenders(section: str, split: FileSplit, fmt_name: str, size: int, ar
                             device=device, num_threads=args.workers)
     pil = FilePipeline(split.paths, split.labels, sampler, fmt.mean, fmt.std, spec, size, eval_view(fmt),
                        device=device, workers=args.workers)
+    half = []
+    for name, dtype in args.half:
+        half += [Contender(section, f"dali_{name}", f"DALI, {name} batches", DaliFilePipeline(
+                     split.paths, split.labels, sampler, fmt.mean, fmt.std, spec, size, eval_view(fmt), device=device,
+                     dtype=dtype, num_threads=args.workers).epoch),
+                 Contender(section, f"torch_{name}", f"torch/Pillow thread pool, {name} batches", FilePipeline(
+                     split.paths, split.labels, sampler, fmt.mean, fmt.std, spec, size, eval_view(fmt), device=device,
+                     dtype=dtype, workers=args.workers).epoch)]
     return [
         Contender(section, "dali", "DALI", dali.epoch, "dali"),
         Contender(section, "torch", f"torch/Pillow thread pool ({args.workers} threads)", pil.epoch, "torch"),
+        *half,
         Contender(section, "dataloader", f"per-sample Pillow DataLoader ({args.workers} workers)",
                   lambda e: _loader(JpegSamples(split.paths, spec, size, 0, e, fmt.mean, fmt.std), sampler.order(e),
                                     args.batch, args.workers, device), in_process=args.workers == 0),
@@ -322,6 +338,17 @@ def report(results: dict[str, dict[str, list[Timing]]], contenders: list[Contend
     return medians, cpu_medians
 
 
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _half_dtypes(value: str) -> list[tuple[str, torch.dtype]]:
+    names = [v for v in value.split(",") if v]
+    unknown = [n for n in names if n not in HALF_DTYPES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown half precision {unknown[0]!r} (bf16, fp16)")
+    return [(n, HALF_DTYPES[n]) for n in names]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -335,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers, DALI and Pillow threads")
     parser.add_argument("--dali-lanes", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
                         help="arrays: also time DALI with these lane counts, e.g. 1,2,4 (default: only its default)")
+    parser.add_argument("--half", type=_half_dtypes, default=[],
+                        help="also time the torch and DALI pipelines with half-precision batches (bf16, fp16 or "
+                             "bf16,fp16), as mixed-precision runs get them")
     parser.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--array-images", type=int, default=50_000)
     parser.add_argument("--jpeg-images", type=int, default=5_000)

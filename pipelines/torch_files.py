@@ -23,6 +23,7 @@ from PIL import Image
 from pipelines.augment import ResizedCropSpec
 from pipelines.batch import Batch
 from pipelines.errors import DataError
+from pipelines.normalize import Normalizer
 from pipelines.sampler import EpochSampler
 from pipelines.views import CenterCropSpec, CorruptFiles, train_box
 
@@ -91,9 +92,7 @@ class FilePipeline:
         self.prefetch = max(0, prefetch)
         self.corrupt = CorruptFiles(on_corrupt)
         self._labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
-        c = len(mean)
-        self._scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=self.device, dtype=dtype).view(1, c, 1, 1)
-        self._shift = torch.tensor([m / s for m, s in zip(mean, std)], device=self.device, dtype=dtype).view(1, c, 1, 1)
+        self._normalize = Normalizer(mean, std, self.device, dtype)
         self._pool: ThreadPoolExecutor | None = None
 
     def __len__(self) -> int:
@@ -145,8 +144,7 @@ class FilePipeline:
             pixels = torch.from_numpy(np.stack([views[k] for k in keep]))
         else:
             pixels = torch.zeros((0, self.size, self.size, 3), dtype=torch.uint8)
-        images = pixels.to(self.device).permute(0, 3, 1, 2).to(self.dtype, memory_format=torch.contiguous_format)
-        images = images.mul_(self._scale).sub_(self._shift)
+        images = self._normalize(pixels.to(self.device).permute(0, 3, 1, 2))
         idx = torch.from_numpy(index).to(self.device)
         return Batch(images=images, labels=self._labels[idx], index=idx, aug=torch.from_numpy(aug).to(self.device),
                      epoch=epoch)

@@ -3,8 +3,8 @@
 The whole split lives as one zero-padded uint8 NCHW tensor on the training device, next
 to a horizontally mirrored copy when flips are on. A random crop of either copy is then
 a plain strided window that starts at one byte offset, so a whole batch (crop and flip
-included) is a single `index_select` of B windows, then one dtype conversion and an
-in-place normalisation: no per-sample Python and no per-pixel index arithmetic.
+included) is a single `index_select` of B windows, then one conversion to fp32 and an
+in-place normalisation (rounded once to a half-precision output): no per-sample Python and no per-pixel index arithmetic.
 Augmentation parameters are looked up in a per-epoch table (they are a pure function
 of (seed, epoch, index), so the table is exact and cheap to rebuild).
 """
@@ -18,6 +18,7 @@ import torch
 
 from pipelines.augment import CropFlipSpec
 from pipelines.batch import Batch
+from pipelines.normalize import Normalizer
 from pipelines.sampler import EpochSampler
 
 # The mirrored copy doubles the padded split's memory; above this size batches are cropped
@@ -62,8 +63,7 @@ class ArrayPipeline:
             padded[n:] = padded[:n, :, :, ::-1]
         self._pixels = torch.from_numpy(padded).to(self.device)
         self._labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
-        self._scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=self.device, dtype=dtype).view(1, c, 1, 1)
-        self._shift = torch.tensor([m / s for m, s in zip(mean, std)], device=self.device, dtype=dtype).view(1, c, 1, 1)
+        self._normalize = Normalizer(mean, std, self.device, dtype)
         self._windows = self._window_view(self._pixels)
         self._tables: tuple[tuple[int, np.ndarray], ...] = ()  # (epoch, table), newest first
 
@@ -114,7 +114,7 @@ class ArrayPipeline:
             crops = self._windows.index_select(0, torch.from_numpy(self._window_starts(index, params)).to(self.device))
         else:
             crops = self._gather_crop_flip(self._pixels.index_select(0, idx), aug)
-        images = crops.to(self.dtype).mul_(self._scale).sub_(self._shift)
+        images = self._normalize(crops)
         return Batch(images=images, labels=self._labels[idx], index=idx, aug=aug, epoch=epoch)
 
     def _window_starts(self, index: np.ndarray, params: np.ndarray) -> np.ndarray:

@@ -128,10 +128,12 @@ class Trainer:
         acc = self.accelerator
         warn_if_emulated_low_precision(acc.device, cfg.train.mixed_precision)
         torch.manual_seed(cfg.seed)
-        self.data: RunData = build_data(cfg.data, cfg.seed, acc.process_index, acc.num_processes, acc.device)
+        self.data: RunData = build_data(cfg.data, cfg.seed, acc.process_index, acc.num_processes, acc.device,
+                                        cfg.train.mixed_precision)
         if acc.is_main_process and cfg.train.progress:
             print(f"data: {self.data.fmt.name}, {self.data.num_train} train / {self.data.num_eval} eval samples, "
-                  f"{self.data.backend} pipeline (data.pipeline={cfg.data.pipeline})", flush=True)
+                  f"{self.data.backend} pipeline (data.pipeline={cfg.data.pipeline}), "
+                  f"{str(self.data.train.dtype).removeprefix('torch.')} batches", flush=True)
         fmt = self.data.fmt
         self.run_dir = cfg.run_dir
         student = create_model(cfg.student.arch, num_classes=fmt.num_classes, in_channels=fmt.channels)

@@ -112,6 +112,17 @@ def test_half_caches_equal_online_within_rounding(env, dtype, rtol):
             torch.testing.assert_close(got, want, rtol=rtol, atol=1e-6)
 
 
+def test_fp32_teacher_of_a_bf16_run_is_built_from_fp32_batches(env, fp32_cache):
+    """The run's pipeline yields bf16 batches; a cache built with cache_precision=no must not see them."""
+    cache = env["base"] / "fp32-for-bf16-run"
+    cfg = _cfg(env, cache, "teacher.cache_dtype=fp32", "train.mixed_precision=bf16", "teacher.cache_precision=no")
+    run_pipeline = build_data(cfg.data, cfg.seed, 0, 1, torch.device("cpu"), "bf16").train
+    assert run_pipeline.dtype == torch.bfloat16
+    build_cache(cfg, pipeline=run_pipeline, device="cpu", log=lambda _: None)
+    for online, cached in _online_and_cached(cfg, _random_batches(2)):  # online: fp32 batches, no autocast
+        assert torch.equal(cached.logits, online.logits) and torch.equal(cached.pooled, online.pooled)
+
+
 def _train(env, name: str, cache: str, *extra: str):
     from rrd_fast.trainer import Trainer
 

@@ -36,7 +36,7 @@ from rrd_fast.cache.manifest import (
 )
 from rrd_fast.cache.shards import DTYPES, FaultHook, check_size, clear_stale, plan_shards, write_shard
 from rrd_fast.config import ConfigError, RunConfig
-from rrd_fast.data import build_data
+from rrd_fast.data import IMAGE_DTYPES, build_data
 from rrd_fast.models import ModelOutput
 from rrd_fast.teacher import load_teacher
 
@@ -190,14 +190,14 @@ def _build_locked(cfg: RunConfig, cache_dir: Path, rebuild: bool, teacher: nn.Mo
         if manifest["complete"]:
             return manifest
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if pipeline is None:
-        pipeline = build_data(cfg.data, cfg.seed, 0, 1, device).train
+    precision = resolved_precision(cfg)
+    if pipeline is None or pipeline.dtype not in (torch.float32, IMAGE_DTYPES[precision]):  # e.g. bf16 batches, fp32 teacher
+        pipeline = build_data(cfg.data, cfg.seed, 0, 1, device, precision).train
     num_samples = int(key["dataset"]["num_samples"])
     if pipeline.sampler.n != num_samples:
         raise CacheError(f"{cache_dir}: the train pipeline has {pipeline.sampler.n} samples, "
                          f"the dataset fingerprint {num_samples}")
     store_dtype = DTYPES[cfg.teacher.cache_dtype][0]
-    precision = resolved_precision(cfg)
     runner = _TeacherRunner(teacher, pipeline, device, precision, cfg.train.channels_last,
                             _default_batch(cfg, device), fields)
     if manifest is None:
