@@ -10,7 +10,12 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 SITE=${RRD_DEVICE_SITE:-/tmp/rrd-site}
-[ -d "$SITE" ] && export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+if [ -d "$SITE" ]; then
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    for lib in "$SITE"/nvidia/*/lib; do  # nvJPEG and nvCOMP from the carried wheels, for DALI's loader
+        [ -d "$lib" ] && export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    done
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the project itself, where it is not pip-installed (device)
 if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then
     exec > >(tee -a "$OUT/gpu_check.log") 2>&1
