@@ -5,6 +5,7 @@
     python -m pipelines.bench --write-auto-table    # also record the faster backend for data.pipeline=auto
     python -m pipelines.bench --sections arrays --dali-lanes 1,2,4   # DALI with other lane counts too
     python -m pipelines.bench --half bf16,fp16      # also the half-precision batches mixed-precision runs get
+    python -m pipelines.bench --dali-sequence       # also DALI with one sequence sample per batch
 
 Sections:
 - arrays: 50k uint8 32×32×3 images, batch 256, pad-4 crop + flip + normalise: the torch
@@ -201,6 +202,10 @@ def array_contenders(args: argparse.Namespace, device: torch.device) -> list[Con
         label = f"DALI ({_count_of(pipe.lanes, 'lane')} x {_count_of(pipe.threads_per_lane, 'thread')})"
         out.append(Contender("arrays", name, label + (", default" if name == "dali" else ""), pipe.epoch, "dali",
                              warmup=pipe.lanes))
+    if args.dali_sequence:  # one DALI sample per batch (reading only: training uses the default layout)
+        seq = DaliArrayPipeline(images, labels, sampler, fmt.mean, fmt.std, spec, device=device, sequence=True)
+        out.append(Contender("arrays", "dali_seq", f"DALI sequences ({_count_of(seq.lanes, 'lane')}, warp_affine)",
+                             seq.epoch, warmup=seq.lanes))
     for name, dtype in args.half:  # what mixed-precision runs get: half-precision batches
         half_torch = build_pipeline("torch", split, fmt, sampler, spec, device=device, dtype=dtype)
         half_dali = DaliArrayPipeline(images, labels, sampler, fmt.mean, fmt.std, spec, device=device, dtype=dtype)
@@ -362,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers, DALI and Pillow threads")
     parser.add_argument("--dali-lanes", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
                         help="arrays: also time DALI with these lane counts, e.g. 1,2,4 (default: only its default)")
+    parser.add_argument("--dali-sequence", action="store_true",
+                        help="arrays: also time DALI with one sequence sample per batch (per-frame warp_affine)")
     parser.add_argument("--half", type=_half_dtypes, default=[],
                         help="also time the torch and DALI pipelines with half-precision batches (bf16, fp16 or "
                              "bf16,fp16), as mixed-precision runs get them")

@@ -14,6 +14,15 @@ barely helps. So on CPU the pipeline runs several independent DALI pipelines ("l
 see `default_lanes`) and deals whole batches to them in turn: batch i goes to lane
 i mod lanes, and batches come back in order. Every batch is still the same pure function
 of (seed, epoch, index), whatever the number of lanes.
+
+Sequence layout (`sequence=True`): the whole batch is one DALI sample, a sequence of B
+frames, and `fn.warp_affine` applies one integer translation (the crop), mirrored or not,
+per frame (`fn.per_frame` matrices, nearest-neighbour, so pixels are copied exactly), then
+`fn.crop_mirror_normalize` normalises all frames. DALI's per-sample cost is then paid once
+per batch instead of once per image. On the CPU the per-image work of warp_affine costs
+about what it saves (0.95x the default in `pipelines.bench --dali-sequence` on the 2-core
+dev machine), so it is not the default; on a GPU, where the pixel work is cheap and
+per-sample bookkeeping is what is left, the same flag measures it beside the default.
 """
 
 from __future__ import annotations
@@ -47,8 +56,10 @@ class DaliArrayPipeline:
         num_threads: int | None = None,
         prefetch: int = 2,
         lanes: int | None = None,
+        sequence: bool = False,
     ) -> None:
-        """`lanes` DALI pipelines with `num_threads` workers each (defaults: `default_lanes`)."""
+        """`lanes` DALI pipelines with `num_threads` workers each (defaults: `default_lanes`);
+        `sequence`: one DALI sample per batch (module docstring)."""
         if images.ndim != 4 or images.dtype != np.uint8:
             raise ValueError(f"images must be uint8 N×H×W×C, got {images.dtype} {images.shape}")
         self.dali = import_dali()
@@ -60,6 +71,7 @@ class DaliArrayPipeline:
         n, h, w, c = images.shape
         self.height, self.width, self.channels = h, w, c
         self.pad = augment.pad if augment is not None else 0
+        self.sequence = sequence
         self._on_gpu = self.device.type == "cuda"
         self._images: Any = self._padded(images)
         self._labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
@@ -83,7 +95,11 @@ class DaliArrayPipeline:
     # ------------------------------------------------------------------ graph
     def _sources(self) -> list[Source]:
         types = self.dali.types
-        src = [Source(types.UINT8, 3, "HWC", "gpu" if self._on_gpu else "cpu")]
+        device = "gpu" if self._on_gpu else "cpu"
+        if self.sequence:
+            src = [Source(types.UINT8, 4, "FHWC", device)]
+            return src + [Source(types.FLOAT, 3, "F**")] if self.augment is not None else src  # per-frame matrices
+        src = [Source(types.UINT8, 3, "HWC", device)]
         if self.augment is not None:
             src += [Source(types.INT32, 0)]  # mirror
             if self.pad:
@@ -91,13 +107,21 @@ class DaliArrayPipeline:
         return src
 
     def _define(self, nodes: list[Any]) -> list[Any]:
+        fn = self.dali.fn
+        if self.sequence:
+            frames = nodes[0]
+            if self.augment is not None:
+                frames = fn.warp_affine(frames, matrix=fn.per_frame(nodes[1]), size=(self.height, self.width),
+                                        interp_type=self.dali.types.INTERP_NN, fill_value=0)
+            return [fn.crop_mirror_normalize(frames, mean=self._mean, std=self._std, dtype=self._out_type,
+                                             output_layout="FCHW")]
         crop: dict[str, Any] = {}
         if self.augment is not None:
             crop["mirror"] = nodes[1]
             if self.pad:
                 crop.update(crop=(self.height, self.width), crop_pos_y=nodes[2], crop_pos_x=nodes[3])
-        out = self.dali.fn.crop_mirror_normalize(nodes[0], mean=self._mean, std=self._std, dtype=self._out_type,
-                                                 output_layout="CHW", **crop)
+        out = fn.crop_mirror_normalize(nodes[0], mean=self._mean, std=self._std, dtype=self._out_type,
+                                       output_layout="CHW", **crop)
         return [out]
 
     def _inputs(self, work: Work) -> tuple[Any, ...]:
@@ -106,6 +130,9 @@ class DaliArrayPipeline:
             images: Any = self._images.index_select(0, idx)
         else:
             images = self._images[work.index]
+        if self.sequence:
+            frames = images[None]  # the batch as one sample: a sequence of B frames
+            return (frames,) if self.augment is None else (frames, self._frame_matrices(work.aug)[None])
         if self.augment is None:
             return (images,)
         mirror = np.ascontiguousarray(work.aug[:, 2], dtype=np.int32)
@@ -115,8 +142,20 @@ class DaliArrayPipeline:
         position = work.aug[:, :2].astype(np.float32) / np.float32(2 * self.pad)
         return images, mirror, np.ascontiguousarray(position[:, 0]), np.ascontiguousarray(position[:, 1])
 
+    def _frame_matrices(self, aug: np.ndarray) -> np.ndarray:
+        """B×2×3 destination-to-source maps: pixel (y, x) of the crop reads (y + dy, x + dx) of the
+        padded image, or (y + dy, W - 1 - x + dx) when flipped (pixel centres at +0.5)."""
+        dy, dx, flip = (aug[:, k].astype(np.float32) for k in range(3))
+        m = np.zeros((len(aug), 2, 3), dtype=np.float32)
+        m[:, 0, 0] = 1.0 - 2.0 * flip
+        m[:, 0, 2] = dx + flip * self.width
+        m[:, 1, 1] = 1.0
+        m[:, 1, 2] = dy
+        return m
+
     def _make_runner(self, prefetch: int, batch_size: int | None = None) -> DaliRunner:
-        return DaliRunner(self._sources(), self._define, self._inputs, batch_size or self.sampler.batch_size, self.device,
+        per_run = 1 if self.sequence else batch_size or self.sampler.batch_size
+        return DaliRunner(self._sources(), self._define, self._inputs, per_run, self.device,
                           num_threads=self.threads_per_lane, prefetch=prefetch)
 
     # ------------------------------------------------------------------ interface
@@ -133,7 +172,10 @@ class DaliArrayPipeline:
         return Work(index=index, epoch=epoch, aug=self.aug_params(index, epoch))
 
     def _batch(self, work: Work, outputs: list[Any]) -> Batch:
-        return batch_from_outputs(work, outputs, self._labels, self.device, self.dtype, self._on_gpu)
+        batch = batch_from_outputs(work, outputs, self._labels, self.device, self.dtype, self._on_gpu)
+        if self.sequence:  # one sample of B frames: 1×B×C×H×W
+            batch.images = batch.images.flatten(0, 1)
+        return batch
 
     def epoch(self, epoch: int, start_step: int = 0, aug_epoch: int | None = None) -> Iterator[Batch]:
         """Batches of `epoch` from `start_step` on: a pure function of (seed, epoch).
@@ -154,7 +196,7 @@ class DaliArrayPipeline:
 
     def batch_for(self, index: np.ndarray, epoch: int) -> Batch:
         """Regenerate the exact batch for these sample indices at this augmentation epoch."""
-        if self._single is None or self._single.batch_size < len(index):
+        if self._single is None or (not self.sequence and self._single.batch_size < len(index)):
             self._single = self._make_runner(prefetch=1, batch_size=max(len(index), self.sampler.batch_size))
         ((work, outputs),) = list(self._single.run([self._work(index, epoch)]))
         return self._batch(work, outputs)

@@ -63,6 +63,37 @@ def test_train_batches_equal_torch_pipeline(splits: dict, fmt_name: str, pad: in
     assert len(torch.unique(aug[:, 0])) > (1 if pad else 0) and (aug[:, 2].any().item() == flip)
 
 
+@pytest.mark.parametrize("fmt_name,pad,flip", [("cifar100", 4, True), ("fashion_mnist", 4, True), ("stl10", 12, True),
+                                               ("cifar100", 0, True), ("cifar100", 4, False)])
+def test_sequence_layout_equals_torch_pipeline(splits: dict, fmt_name: str, pad: int, flip: bool) -> None:
+    """One DALI sample per batch, per-frame warp_affine crops and flips: the same batches."""
+    split = splits[fmt_name]
+    fmt = get_format(fmt_name)
+    sampler = EpochSampler(len(split.labels), 16, seed=7)
+    spec = CropFlipSpec(pad=pad, flip=flip)
+    t = build_pipeline("torch", split, fmt, sampler, spec)
+    d = DaliArrayPipeline(split.images, split.labels, sampler, fmt.mean, fmt.std, spec, sequence=True, lanes=2)
+    flipped = 0
+    for epoch in (0, 2):
+        for bt, bd in zip(t.epoch(epoch), d.epoch(epoch), strict=True):
+            assert torch.equal(bt.index, bd.index) and torch.equal(bt.aug, bd.aug)
+            assert bd.images.shape == bt.images.shape
+            assert (bt.images - bd.images).abs().max().item() <= TOL
+            flipped += int(bd.aug[:, 2].sum())
+    assert (flipped > 0) == flip
+    regenerated = d.batch_for(np.arange(5), 2)  # fewer frames than a batch
+    assert (regenerated.images - t.batch_for(np.arange(5), 2).images).abs().max().item() <= TOL
+    test = splits["cifar100_test"]  # eval: no augmentation, partial last batch (70 = 32 + 32 + 6)
+    eval_sampler = EpochSampler(len(test.labels), 32, shuffle=False, drop_last=False)
+    fmt = get_format("cifar100")
+    te = build_pipeline("torch", test, fmt, eval_sampler, None)
+    de = DaliArrayPipeline(test.images, test.labels, eval_sampler, fmt.mean, fmt.std, None, sequence=True)
+    batches = list(de.epoch(0))
+    assert [len(b) for b in batches] == [32, 32, 6]
+    for bt, bd in zip(te.epoch(0), batches, strict=True):
+        assert (bt.images - bd.images).abs().max().item() <= TOL
+
+
 @pytest.mark.skipif(not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").exists(),
                     reason="real Fashion-MNIST not installed (Debian package dataset-fashion-mnist)")
 def test_real_fashion_mnist_batches_equal_torch_pipeline() -> None:
@@ -246,12 +277,14 @@ def test_array_pipeline_matches_dali_for_a_given_device_string(splits: dict) -> 
 # ---------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
-def test_gpu_resident_source_matches_cpu_torch_pipeline(splits: dict) -> None:
+@pytest.mark.parametrize("sequence", [False, True])
+def test_gpu_resident_source_matches_cpu_torch_pipeline(splits: dict, sequence: bool) -> None:
     split = splits["cifar100"]
     fmt = get_format("cifar100")
     sampler = EpochSampler(len(split.labels), 32, seed=3)
     ref = ArrayPipeline(split.images, split.labels, sampler, fmt.mean, fmt.std, CropFlipSpec())
-    gpu = DaliArrayPipeline(split.images, split.labels, sampler, fmt.mean, fmt.std, CropFlipSpec(), device="cuda")
+    gpu = DaliArrayPipeline(split.images, split.labels, sampler, fmt.mean, fmt.std, CropFlipSpec(), device="cuda",
+                            sequence=sequence)
     assert gpu._images.is_cuda  # the split itself lives on the GPU
     for a, b in zip(ref.epoch(1), gpu.epoch(1), strict=True):
         assert b.images.is_cuda and b.index.is_cuda

@@ -137,7 +137,7 @@ def test_bench_runs_and_writes_the_auto_table(tmp_path: Path, capsys: pytest.Cap
     _table(table, {"files/cuda": {"backend": "dali", "img_s": {"dali": 1, "torch": 0}}})
     rc = bench_main(["--repeats", "1", "--batches", "1", "--batch", "32", "--array-images", "192",
                      "--jpeg-images", "100", "--workers", "1", "--data-dir", str(tmp_path / "data"),
-                     "--dali-lanes", "5", "--half", "bf16", "--json", str(tmp_path / "medians.json"),
+                     "--dali-lanes", "5", "--dali-sequence", "--half", "bf16", "--json", str(tmp_path / "medians.json"),
                      "--write-auto-table", str(table)])
     assert rc == 0
     out = capsys.readouterr().out
@@ -151,11 +151,11 @@ def test_bench_runs_and_writes_the_auto_table(tmp_path: Path, capsys: pytest.Cap
     # DALI's entry is its best lane count.
     medians = json.loads((tmp_path / "medians.json").read_text())
     arrays = medians["medians"]["arrays"]
-    assert set(arrays) == {"torch", "dali", "dali_5", "torch_bf16", "dali_bf16", "dataloader"}
+    assert set(arrays) == {"torch", "dali", "dali_5", "dali_seq", "torch_bf16", "dali_bf16", "dataloader"}
     assert set(medians["medians"]["jpeg"]) == {"torch", "dali", "torch_bf16", "dali_bf16", "dataloader"}
     # CPU cost per image for the contenders whose work runs in this process (not the DataLoader's workers).
     cpu = medians["cpu_us_per_img"]["arrays"]
-    assert set(cpu) == {"torch", "dali", "dali_5", "torch_bf16", "dali_bf16"} and all(v > 0 for v in cpu.values())
+    assert set(cpu) == {"torch", "dali", "dali_5", "dali_seq", "torch_bf16", "dali_bf16"} and all(v > 0 for v in cpu.values())
     # The table compares the backends as fp32 runs use them; half-precision contenders are for reading only.
     assert entries["array/cpu"]["img_s"]["dali"] == round(max(arrays["dali"], arrays["dali_5"]))
     with pytest.raises(SystemExit):
