@@ -4,7 +4,8 @@ The whole split lives as one zero-padded uint8 NCHW tensor on the training devic
 to a horizontally mirrored copy when flips are on. A random crop of either copy is then
 a plain strided window that starts at one byte offset, so a whole batch (crop and flip
 included) is a single `index_select` of B windows, then one conversion to fp32 and an
-in-place normalisation (rounded once to a half-precision output): no per-sample Python and no per-pixel index arithmetic.
+in-place normalisation (rounded once to a half-precision output): no per-sample Python
+and no per-pixel index arithmetic.
 Augmentation parameters are looked up in a per-epoch table (they are a pure function
 of (seed, epoch, index), so the table is exact and cheap to rebuild).
 """

@@ -103,7 +103,8 @@ class CorruptFiles:
         """Raise (policy `error`) or record and warn (policy `skip`)."""
         reason = " ".join(reason.split())[:200]
         if self.policy == "error":
-            raise DataError(f"{path}: corrupt or unreadable image ({reason}); set on_corrupt='skip' (data.on_corrupt=skip in a run config) to skip such files")
+            raise DataError(f"{path}: corrupt or unreadable image ({reason}); set on_corrupt='skip' "
+                            "(data.on_corrupt=skip in a run config) to skip such files")
         with self._lock:
             if index in self.skipped:
                 return

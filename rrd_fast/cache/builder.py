@@ -191,7 +191,9 @@ def _build_locked(cfg: RunConfig, cache_dir: Path, rebuild: bool, teacher: nn.Mo
             return manifest
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = resolved_precision(cfg)
-    if pipeline is None or pipeline.dtype not in (torch.float32, IMAGE_DTYPES[precision]):  # e.g. bf16 batches, fp32 teacher
+    # The run's pipeline serves unless its batches were rounded to a type this build's autocast
+    # does not round to (bf16 batches for an fp32 or fp16 teacher, say): fp32 batches always serve.
+    if pipeline is None or pipeline.dtype not in (torch.float32, IMAGE_DTYPES[precision]):
         pipeline = build_data(cfg.data, cfg.seed, 0, 1, device, precision).train
     num_samples = int(key["dataset"]["num_samples"])
     if pipeline.sampler.n != num_samples:
