@@ -52,7 +52,7 @@ pipelines_on_gpu() {
     fi
     "$PY" -m pytest -q -m gpu tests/test_dali_arrays.py tests/test_dali_files.py tests/test_dali_train.py
     "$PY" -m pipelines.bench --device cuda --sections arrays,jpeg224 --repeats 3 --warmup 3 --batch 256 --array-batch 1024 \
-        --batches 40 --workers 8 --jpeg224-images 4096 --dali-lanes 1,2,4 --dali-sequence --half bf16 --write-auto-table
+        --batches 40 --workers 8 --jpeg224-images 4096 --dali-lanes 1,2,4 --dali-sequence --write-auto-table
     if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then cp pipelines/auto_backend.json "$OUT/auto_backend.json"; fi
 }
 section pipelines pipelines_on_gpu
