@@ -83,7 +83,10 @@ def test_sequence_layout_equals_torch_pipeline(splits: dict, fmt_name: str, pad:
     assert (flipped > 0) == flip
     regenerated = d.batch_for(np.arange(5), 2)  # fewer frames than a batch
     assert (regenerated.images - t.batch_for(np.arange(5), 2).images).abs().max().item() <= TOL
-    test = splits["cifar100_test"]  # eval: no augmentation, partial last batch (70 = 32 + 32 + 6)
+
+
+def test_sequence_layout_eval_with_partial_last_batch(splits: dict) -> None:
+    test = splits["cifar100_test"]  # no augmentation, 70 = 32 + 32 + 6
     eval_sampler = EpochSampler(len(test.labels), 32, shuffle=False, drop_last=False)
     fmt = get_format("cifar100")
     te = build_pipeline("torch", test, fmt, eval_sampler, None)
