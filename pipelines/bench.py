@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from rrd_fast.malloc_tuning import TUNABLES_VAR, reexec_with_malloc_tuning
 
@@ -193,22 +193,22 @@ def array_contenders(args: argparse.Namespace, device: torch.device) -> list[Con
     out = [Contender("arrays", "torch", "torch ArrayPipeline", torch_pipe.epoch, "torch")]
     from pipelines.dali_arrays import DaliArrayPipeline
 
-    def dali(lanes: int | None = None) -> DaliArrayPipeline:
-        return DaliArrayPipeline(images, labels, sampler, fmt.mean, fmt.std, spec, device=device, lanes=lanes)
+    def dali(**options: Any) -> DaliArrayPipeline:  # lanes, sequence, dtype
+        return DaliArrayPipeline(images, labels, sampler, fmt.mean, fmt.std, spec, device=device, **options)
 
     default = dali()
-    variants = [(default, "dali")] + [(dali(n), f"dali_{n}") for n in args.dali_lanes if n != default.lanes]
+    variants = [(default, "dali")] + [(dali(lanes=n), f"dali_{n}") for n in args.dali_lanes if n != default.lanes]
     for pipe, name in variants:
         label = f"DALI ({_count_of(pipe.lanes, 'lane')} x {_count_of(pipe.threads_per_lane, 'thread')})"
         out.append(Contender("arrays", name, label + (", default" if name == "dali" else ""), pipe.epoch, "dali",
                              warmup=pipe.lanes))
     if args.dali_sequence:  # one DALI sample per batch (reading only: training uses the default layout)
-        seq = DaliArrayPipeline(images, labels, sampler, fmt.mean, fmt.std, spec, device=device, sequence=True)
+        seq = dali(sequence=True)
         out.append(Contender("arrays", "dali_seq", f"DALI sequences ({_count_of(seq.lanes, 'lane')}, warp_affine)",
                              seq.epoch, warmup=seq.lanes))
     for name, dtype in args.half:  # what mixed-precision runs get: half-precision batches
         half_torch = build_pipeline("torch", split, fmt, sampler, spec, device=device, dtype=dtype)
-        half_dali = DaliArrayPipeline(images, labels, sampler, fmt.mean, fmt.std, spec, device=device, dtype=dtype)
+        half_dali = dali(dtype=dtype)
         out += [Contender("arrays", f"torch_{name}", f"torch ArrayPipeline, {name} batches", half_torch.epoch),
                 Contender("arrays", f"dali_{name}", f"DALI ({_count_of(half_dali.lanes, 'lane')}), {name} batches",
                           half_dali.epoch, warmup=half_dali.lanes)]
@@ -228,21 +228,21 @@ def file_contenders(section: str, split: FileSplit, fmt_name: str, size: int, ar
     from pipelines.torch_files import FilePipeline
     from pipelines.views import eval_view
 
-    dali = DaliFilePipeline(split.paths, split.labels, sampler, fmt.mean, fmt.std, spec, size, eval_view(fmt),
-                            device=device, num_threads=args.workers)
-    pil = FilePipeline(split.paths, split.labels, sampler, fmt.mean, fmt.std, spec, size, eval_view(fmt),
-                       device=device, workers=args.workers)
+    def dali(dtype: torch.dtype = torch.float32) -> DaliFilePipeline:
+        return DaliFilePipeline(split.paths, split.labels, sampler, fmt.mean, fmt.std, spec, size, eval_view(fmt),
+                                device=device, dtype=dtype, num_threads=args.workers)
+
+    def pil(dtype: torch.dtype = torch.float32) -> FilePipeline:
+        return FilePipeline(split.paths, split.labels, sampler, fmt.mean, fmt.std, spec, size, eval_view(fmt),
+                            device=device, dtype=dtype, workers=args.workers)
+
     half = []
     for name, dtype in args.half:
-        half += [Contender(section, f"dali_{name}", f"DALI, {name} batches", DaliFilePipeline(
-                     split.paths, split.labels, sampler, fmt.mean, fmt.std, spec, size, eval_view(fmt), device=device,
-                     dtype=dtype, num_threads=args.workers).epoch),
-                 Contender(section, f"torch_{name}", f"torch/Pillow thread pool, {name} batches", FilePipeline(
-                     split.paths, split.labels, sampler, fmt.mean, fmt.std, spec, size, eval_view(fmt), device=device,
-                     dtype=dtype, workers=args.workers).epoch)]
+        half += [Contender(section, f"dali_{name}", f"DALI, {name} batches", dali(dtype).epoch),
+                 Contender(section, f"torch_{name}", f"torch/Pillow thread pool, {name} batches", pil(dtype).epoch)]
     return [
-        Contender(section, "dali", "DALI", dali.epoch, "dali"),
-        Contender(section, "torch", f"torch/Pillow thread pool ({args.workers} threads)", pil.epoch, "torch"),
+        Contender(section, "dali", "DALI", dali().epoch, "dali"),
+        Contender(section, "torch", f"torch/Pillow thread pool ({args.workers} threads)", pil().epoch, "torch"),
         *half,
         Contender(section, "dataloader", f"per-sample Pillow DataLoader ({args.workers} workers)",
                   lambda e: _loader(JpegSamples(split.paths, spec, size, 0, e, fmt.mean, fmt.std), sampler.order(e),
