@@ -26,12 +26,41 @@ class MethodError(ValueError):
 
 @dataclass(frozen=True)
 class NetInfo:
-    """What a method may know about a network without running it."""
+    """What a method may know about a network without running it.
+
+    `feat_shapes` are the per-sample shapes of RepDistiller's feature list for this
+    dataset's image size (`ModelOutput.feats()`: stem, stages..., pooled), as the
+    reference measures them with one dummy forward pass before building its heads.
+    """
 
     arch: str
     num_classes: int
     pooled_dim: int
     stage_channels: tuple[int, ...]
+    feat_shapes: tuple[tuple[int, ...], ...] = ()
+
+
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32; fp32 and fp64 unchanged (losses are pinned against the reference in fp64)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+@dataclass(frozen=True)
+class InitStage:
+    """A stage run before the main training, as RepDistiller's `helper/pretrain.py` (AB, FT, FSP).
+
+    The trainer runs `epochs` epochs of `LossTerm.init_loss` with a fresh SGD over `modules`
+    (and the student's feature modules when `student_features`), at a fixed `lr` (None: optim.lr),
+    with the run's momentum and weight decay. The student is put in eval mode and the trained
+    modules in train mode, as the reference does. Parameters trained here need not require grad
+    in the main stage: the trainer enables them for this stage only.
+    """
+
+    epochs: int
+    modules: tuple[nn.Module, ...]
+    student_features: bool
+    teacher_fields: tuple[str, ...]
+    lr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -50,14 +79,15 @@ class LossTerm(nn.Module):
     """Base class of one weighted loss term.
 
     Subclasses set `name`, `Options` (a dataclass of their settings), and the teacher
-    fields they read (`teacher_fields`, from ModelOutput: logits, pooled, stages, pre_relu).
-    Parameters that require grad are trained with the student; others stay fixed.
+    fields they read in the main stage (`teacher_fields`, from ModelOutput: logits, pooled,
+    stem, stages, pre_relu; an instance may narrow them in `__init__`). Parameters that
+    require grad are trained with the student; others stay fixed. A term with a warm-up
+    stage returns it from `init_stage()` and computes its loss in `init_loss`.
     """
 
     name: ClassVar[str]
     Options: ClassVar[type] = type("NoOptions", (), {})
-    teacher_fields: ClassVar[tuple[str, ...]] = ()
-    needs_index: ClassVar[bool] = False
+    teacher_fields: tuple[str, ...] = ()
 
     def __init__(self, options: Any, student: NetInfo, teacher: NetInfo | None, context: TermContext) -> None:
         super().__init__()
@@ -65,6 +95,15 @@ class LossTerm(nn.Module):
 
     def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called before each main-stage epoch (0-based), for schedules such as DKD's warm-up."""
+
+    def init_stage(self) -> InitStage | None:
+        return None
+
+    def init_loss(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError(f"{self.name} has no init stage")
 
 
 _TERMS: dict[str, type[LossTerm]] = {}

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.batch import Batch
-from rrd_fast.methods.base import LossTerm, MethodError, MethodSpec, NetInfo, TermContext, register_method, register_term
+from rrd_fast.methods.base import (LossTerm, MethodError, MethodSpec, NetInfo, TermContext, full_precision, register_method,
+                                   register_term)
 from rrd_fast.models import ModelOutput
 
 
@@ -18,8 +19,8 @@ class KDOptions:
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
-    log_p_s = F.log_softmax(student_logits.float() / T, dim=1)
-    p_t = F.softmax(teacher_logits.float() / T, dim=1)
+    log_p_s = F.log_softmax(full_precision(student_logits) / T, dim=1)
+    p_t = F.softmax(full_precision(teacher_logits) / T, dim=1)
     return F.kl_div(log_p_s, p_t, reduction="sum") * (T * T) / student_logits.shape[0]
 
 

@@ -22,7 +22,8 @@ from torch import nn
 from pipelines.batch import Batch
 from rrd_fast.config import ConfigError
 from rrd_fast.memory import MemorySpec, build_memory
-from rrd_fast.methods.base import LossTerm, MethodError, MethodSpec, NetInfo, TermContext, register_method, register_term
+from rrd_fast.methods.base import (LossTerm, MethodError, MethodSpec, NetInfo, TermContext, full_precision, register_method,
+                                   register_term)
 from rrd_fast.models import ModelOutput
 
 PRESETS: dict[str, dict[str, object]] = {
@@ -82,16 +83,15 @@ class RRD(LossTerm):
             raise
         except ValueError as exc:
             raise MethodError(f"method.options.rrd: {exc}") from None
-        self.needs_index = options.memory == "momentum"  # the momentum banks are indexed by Batch.index
 
     @property
     def queue(self) -> torch.Tensor:
         return self.memory.queue
 
     def embed(self, student_pooled: torch.Tensor, teacher_pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z_s = F.normalize(self.embed_s(student_pooled.float()), dim=1)
+        z_s = F.normalize(self.embed_s(full_precision(student_pooled)), dim=1)
         with torch.no_grad():
-            z_t = F.normalize(self.embed_t(teacher_pooled.float()), dim=1)
+            z_t = F.normalize(self.embed_t(full_precision(teacher_pooled)), dim=1)
         return z_s, z_t
 
     def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> torch.Tensor:

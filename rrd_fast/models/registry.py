@@ -16,14 +16,23 @@ from pipelines.errors import did_you_mean
 class ModelOutput:
     """Everything a distillation method may read from one forward pass.
 
-    `stages` are the post-activation outputs of each stage, `pre_relu` the same
-    outputs before their final ReLU (used by AB); `pooled` is the penultimate vector.
+    The fields are RepDistiller's `model(x, is_feat=True, preact=...)` list, by name:
+    `stem` is feat[0], `stages` are feat[1:-1] (each stage's post-activation output),
+    `pre_relu` the same outputs before their final ReLU (preact=True, used by AB), and
+    `pooled` is feat[-1], the penultimate vector.
     """
 
     logits: torch.Tensor
     pooled: torch.Tensor
     stages: list[torch.Tensor] = field(default_factory=list)
     pre_relu: list[torch.Tensor] = field(default_factory=list)
+    stem: torch.Tensor | None = None
+
+    def feats(self, preact: bool = False) -> list[torch.Tensor]:
+        """RepDistiller's feature list: [stem, *stages, pooled] (stages before their last ReLU with `preact`)."""
+        if self.stem is None:
+            raise ValueError("this ModelOutput has no stem feature")
+        return [self.stem, *(self.pre_relu if preact else self.stages), self.pooled]
 
 
 ModelFactory = Callable[..., nn.Module]
