@@ -71,20 +71,24 @@ class TeacherConfig:
     cache_batch_size: int = 0  # build batch; 0: 256 on CPU, the largest that fits (from 4096 down) on CUDA
     cache_shard_samples: int = 65536  # samples per shard file
     cache_verify: Literal["checksum", "size"] = "checksum"  # checksum: sha256 of each shard before its first read
+    cache_max_gb: float = 32.0  # refuse a cache whose declared teacher fields would need more (GiB)
+    cache_fallback: Literal["refuse", "online"] = "refuse"  # a cache too large: stop, or run the teacher online
 
 
 @dataclass
 class MethodConfig:
     """Total loss = gamma*CE + alpha*KD + beta*(the method's own term).
 
+    A weight left unset (null) takes the authors' value for the method (`method.name=crd` gives
+    gamma 1, alpha 0, beta 0.8); the run's saved config.yaml holds the resolved weights.
     `options` holds per-term settings keyed by term name, e.g. {"kd": {"T": 4}, "rrd": {"preset": "paper"}};
     each term validates its own options, so adding a method needs no change here.
     """
 
     name: str = "vanilla"
-    gamma: float = 1.0
-    alpha: float = 0.0
-    beta: float = 0.0
+    gamma: float | None = None
+    alpha: float | None = None
+    beta: float | None = None
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -119,17 +123,17 @@ class DistributedConfig:
 
 @dataclass
 class TrainConfig:
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # auto: bf16 on GPUs and on CPUs with native bf16, fp32 ("no") elsewhere; the run saves what it resolved to
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "no"
     eval_every: int = 1
     channels_last: bool = True
     progress: bool = True
     save_every: int = 1  # epochs between resume checkpoints
-    deterministic: bool = False
 
 
 @dataclass
 class RunConfig:
-    name: str = "run"
+    name: str = ""  # run folder under output_dir; empty: named after teacher, student, method and seed
     output_dir: str = "runs"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -166,7 +170,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return value
     if origin in (typing.Union, types.UnionType):
-        return value
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(hint)):
+            return None
+        return _coerce(value, args[0], key) if len(args) == 1 else value
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
@@ -238,7 +245,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for text in overrides or []:
         key, value = parse_override(text)
         _set_path(tree, key, value)
-    return _build(RunConfig, tree)
+    cfg = _build(RunConfig, tree)
+    if not cfg.name:
+        cfg.name = default_run_name(cfg)
+    return cfg
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    """`<teacher>_<student>_<method>_seed<N>` (`<student>_vanilla_seed<N>` without a teacher), so that two
+    different runs of one config do not share a folder by default."""
+    teacher = cfg.teacher.arch or (Path(cfg.teacher.checkpoint).stem if cfg.teacher.checkpoint else "")
+    parts = [teacher] if teacher and cfg.method.name != "vanilla" else []
+    return "_".join([*parts, cfg.student.arch, cfg.method.name, f"seed{cfg.seed}"])
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

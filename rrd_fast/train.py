@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
     parser.add_argument("--rebuild-cache", action="store_true",
                         help="rebuild the teacher cache (teacher.cache) even if one exists, e.g. built for another run")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing run in the run folder (without it, a fresh run refuses such a folder)")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optim.epochs=10")
     args = parser.parse_args(argv)
     if args.resume is not None:
@@ -44,8 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
     from rrd_fast.trainer import Trainer  # after argument errors, so `--help` stays fast
 
-    trainer = Trainer(cfg, resume=args.resume is not None, rebuild_cache=args.rebuild_cache)
-    summary = trainer.fit()
+    trainer = Trainer(cfg, resume=args.resume is not None, rebuild_cache=args.rebuild_cache, overwrite=args.overwrite)
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.close()
     if trainer.accelerator.is_main_process:
         print(f"{cfg.name}: last-epoch top-1 {summary['top1_last']:.2f}, best top-1 {summary['top1_best']:.2f} "
               f"(epoch {summary['best_epoch']}), {summary['images_per_s']:.0f} img/s, {summary['train_time_s']:.0f} s")

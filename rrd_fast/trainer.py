@@ -11,10 +11,9 @@ import json
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -28,8 +27,11 @@ from rrd_fast.checkpoint import write_model_checkpoint
 from rrd_fast.cli import RunError
 from rrd_fast.config import RunConfig, config_to_dict, save_config
 from rrd_fast.data import RunData, build_data
-from rrd_fast.methods import NetInfo, Objective, TermContext
-from rrd_fast.models import ModelOutput, create_model
+from rrd_fast.methods import InitStage, NetInfo, Objective, TermContext
+from rrd_fast.methods.objective import resolve_weights, teacher_fields_for
+from rrd_fast.models import ModelOutput, create_model, feat_shapes
+from rrd_fast.precision import resolve_mixed_precision, warn_if_emulated
+from rrd_fast.run_dir import check_fresh, open_run_dir
 from rrd_fast.resume_shards import load_rank_shards, memory_shards, remove_stale_shards, write_rank_shards
 from rrd_fast.teacher import load_teacher
 
@@ -49,9 +51,10 @@ class DistillModule(nn.Module):
         return out.logits, self.objective(out, teacher_out, batch)
 
 
-def net_info(model: nn.Module, arch: str, num_classes: int) -> NetInfo:
+def net_info(model: nn.Module, arch: str, num_classes: int, in_channels: int, image_size: int) -> NetInfo:
     return NetInfo(arch=arch, num_classes=num_classes, pooled_dim=int(model.pooled_dim),
-                   stage_channels=tuple(int(c) for c in model.stage_channels))
+                   stage_channels=tuple(int(c) for c in model.stage_channels),
+                   feat_shapes=feat_shapes(model, in_channels, image_size))
 
 
 def lr_at(cfg: RunConfig, epoch: int) -> float:
@@ -65,17 +68,24 @@ def lr_at(cfg: RunConfig, epoch: int) -> float:
 class OnlineTeacher:
     """Runs the frozen teacher on each batch, without autograd, under the run's autocast."""
 
-    def __init__(self, model: nn.Module, accelerator: Accelerator, channels_last: bool) -> None:
+    def __init__(self, model: nn.Module, accelerator: Accelerator) -> None:
         self.model = model
         self.accelerator = accelerator
-        self.channels_last = channels_last
 
     def __call__(self, batch: Batch, images: torch.Tensor) -> ModelOutput:
         with torch.no_grad(), self.accelerator.autocast():
             return self.model(images, features=True)
 
 
-TeacherSourceFactory = Callable[..., Callable[[Batch, torch.Tensor], ModelOutput]]
+@dataclass
+class InitRun:
+    """A method's init stage as the trainer runs it: the stage, its term, and its own optimizer."""
+
+    term_name: str
+    stage: InitStage
+    params: list[nn.Parameter]
+    modules: list[nn.Module]
+    optimizer: torch.optim.Optimizer
 
 
 _LAUNCHER_WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -101,59 +111,57 @@ def check_launch(accelerator: Accelerator, cfg: RunConfig | None = None) -> None
         raise RunError("distributed.sync_batchnorm: torch's SyncBatchNorm runs only on GPUs; set it to false on CPU")
 
 
-def warn_if_emulated_low_precision(device: torch.device, mixed_precision: str) -> None:
-    """bf16/fp16 autocast on a CPU without AVX-512 runs emulated kernels, often 5-10x slower than fp32."""
-    if device.type == "cpu" and mixed_precision != "no" and not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
-        warnings.warn(f"train.mixed_precision={mixed_precision} on a CPU with {torch.backends.cpu.get_cpu_capability()} "
-                      "only: low-precision kernels are emulated and slow here; train.mixed_precision=no is faster", stacklevel=2)
-
-
 @dataclass
 class TrainState:
-    epoch: int = 0  # next epoch to run
+    epoch: int = 0  # next epoch to run, counting a method's init-stage epochs first
     global_step: int = 0
     best_top1: float = -1.0
-    best_epoch: int = -1
+    best_epoch: int = -1  # main-stage epoch (0-based)
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def resolve_method(cfg: RunConfig) -> None:
+    """Fill the weights the user left unset with the method's own, so config.yaml shows what ran."""
+    cfg.method.gamma, cfg.method.alpha, cfg.method.beta = resolve_weights(cfg.method)
+
+
 class Trainer:
-    def __init__(self, cfg: RunConfig, resume: bool = False, teacher_source: TeacherSourceFactory | None = None,
-                 rebuild_cache: bool = False) -> None:
+    def __init__(self, cfg: RunConfig, resume: bool = False, rebuild_cache: bool = False, overwrite: bool = False) -> None:
         self.cfg = cfg
         ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
         cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        device = torch.device("cpu") if cpu else torch.device("cuda")
+        cfg.train.mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision, device)
+        resolve_method(cfg)
         self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu, kwargs_handlers=[ddp])
         check_launch(self.accelerator, cfg)
         acc = self.accelerator
-        warn_if_emulated_low_precision(acc.device, cfg.train.mixed_precision)
+        self.run_dir = cfg.run_dir
+        if not resume:
+            check_fresh(self.run_dir, overwrite)  # every rank, before any writes
+        self.lock = None
+        warn_if_emulated(acc.device, cfg.train.mixed_precision)
         torch.manual_seed(cfg.seed)
         self.data: RunData = build_data(cfg.data, cfg.seed, acc.process_index, acc.num_processes, acc.device,
                                         cfg.train.mixed_precision)
+        m = cfg.method
         if acc.is_main_process and cfg.train.progress:
             print(f"data: {self.data.fmt.name}, {self.data.num_train} train / {self.data.num_eval} eval samples, "
                   f"{self.data.backend} pipeline (data.pipeline={cfg.data.pipeline}), "
-                  f"{str(self.data.train.dtype).removeprefix('torch.')} batches", flush=True)
+                  f"{str(self.data.train.dtype).removeprefix('torch.')} batches, "
+                  f"train.mixed_precision={cfg.train.mixed_precision}", flush=True)
+            print(f"method: {m.name}, loss = {m.gamma:g}*CE + {m.alpha:g}*KD + {m.beta:g}*{m.name}", flush=True)
         fmt = self.data.fmt
-        self.run_dir = cfg.run_dir
         student = create_model(cfg.student.arch, num_classes=fmt.num_classes, in_channels=fmt.channels)
-        teacher_model, self.teacher_meta = None, None
-        if cfg.teacher.checkpoint or cfg.teacher.arch:
-            if not cfg.teacher.checkpoint:
-                raise RunError("teacher.checkpoint: a teacher architecture is set but no checkpoint to load it from")
-        from rrd_fast.methods import get_method
-
-        uses_teacher = get_method(cfg.method.name).uses_teacher
-        if uses_teacher:
-            if not cfg.teacher.checkpoint:
-                raise RunError(f"teacher.checkpoint: method {cfg.method.name!r} needs a teacher checkpoint")
-            teacher_model, self.teacher_meta = load_teacher(cfg.teacher.checkpoint, cfg.teacher.arch, fmt.num_classes, fmt.channels)
-        teacher_info = net_info(teacher_model, self.teacher_meta["arch"], fmt.num_classes) if teacher_model is not None else None
+        teacher_model, self.teacher_meta = self._load_teacher()
+        teacher_info = (net_info(teacher_model, self.teacher_meta["arch"], fmt.num_classes, fmt.channels, fmt.image_size)
+                        if teacher_model is not None else None)
         sharding = cfg.distributed.memory_sharding
         if sharding == "auto":
             sharding = "sharded" if acc.num_processes > 1 else "local"
         context = TermContext(self.data.num_train, cfg.seed, acc.num_processes, sharding, train_labels=self.data.train_labels)
-        objective = Objective(cfg.method, net_info(student, cfg.student.arch, fmt.num_classes), teacher_info, context)
+        student_info = net_info(student, cfg.student.arch, fmt.num_classes, fmt.channels, fmt.image_size)
+        objective = Objective(cfg.method, student_info, teacher_info, context)
         if cfg.distributed.sync_batchnorm and acc.num_processes > 1:
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
@@ -163,26 +171,76 @@ class Trainer:
         optimizer = torch.optim.SGD(params, lr=lr_at(cfg, 0), momentum=cfg.optim.momentum,
                                     weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
         self.module, self.optimizer = acc.prepare(module, optimizer)
-        self.teacher = None
-        if teacher_model is not None and teacher_source is None and cfg.teacher.cache:
-            # The teacher stays on the CPU: its outputs come from the cache (built or resumed here
-            # in single-process runs), and epoch e replays augmentation view e mod V.
-            from rrd_fast.cache import open_cached_teacher
-
-            self.teacher = open_cached_teacher(cfg, teacher_model, self.teacher_meta, self.data.train, acc.device,
-                                               objective.teacher_fields, rebuild=rebuild_cache,
-                                               may_build=acc.num_processes == 1)
-            self.data.train = self.teacher.wrap(self.data.train)
-        elif teacher_model is not None:
-            teacher_model = teacher_model.to(acc.device, memory_format=memory_format)
-            factory = teacher_source or (lambda model, **_: OnlineTeacher(model, acc, cfg.train.channels_last))
-            self.teacher = factory(model=teacher_model, accelerator=acc, cfg=cfg, data=self.data, meta=self.teacher_meta)
+        self.init = self._build_init_stage()
+        self.teacher = self._open_teacher(teacher_model, rebuild_cache)
         self.state = TrainState()
+        acc.wait_for_everyone()  # every rank has checked the folder before rank 0 creates it
+        if acc.is_main_process:
+            self.lock = open_run_dir(self.run_dir, resume, overwrite)
         if resume:
             self._load_resume()
         elif acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
+
+    def _load_teacher(self) -> tuple[nn.Module | None, dict[str, Any] | None]:
+        cfg, fmt = self.cfg, self.data.fmt
+        if cfg.teacher.arch and not cfg.teacher.checkpoint:
+            raise RunError("teacher.checkpoint: a teacher architecture is set but no checkpoint to load it from")
+        from rrd_fast.methods import get_method
+
+        if not get_method(cfg.method.name).uses_teacher:
+            return None, None
+        if not cfg.teacher.checkpoint:
+            raise RunError(f"teacher.checkpoint: method {cfg.method.name!r} needs a teacher checkpoint")
+        return load_teacher(cfg.teacher.checkpoint, cfg.teacher.arch, fmt.num_classes, fmt.channels)
+
+    def _build_init_stage(self) -> InitRun | None:
+        """The method's init stage (AB, FT, FSP), with a fresh SGD over what it trains, as helper/pretrain.py."""
+        stages = self.unwrapped.objective.init_stages()
+        if not stages:
+            return None
+        if len(stages) > 1:
+            raise RunError(f"method: terms {[n for n, _ in stages]} each have an init stage; at most one can run")
+        (name, stage), cfg = stages[0], self.cfg
+        modules = list(stage.modules)
+        if stage.student_features:
+            modules += list(self.unwrapped.student.feature_modules())
+        params = list(dict.fromkeys(p for mod in modules for p in mod.parameters()))
+        lr = stage.lr if stage.lr is not None else lr_at(self.cfg, 0)
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+        return InitRun(name, stage, params, modules, optimizer)
+
+    @property
+    def init_epochs(self) -> int:
+        return self.init.stage.epochs if self.init is not None else 0
+
+    def _open_teacher(self, teacher_model: nn.Module | None, rebuild_cache: bool) -> Any:
+        """The online or cached teacher, or None when no stage of the objective reads the teacher."""
+        cfg, acc = self.cfg, self.accelerator
+        objective = self.unwrapped.objective
+        fields = list(objective.teacher_fields)
+        if self.init is not None:
+            fields += [f for f in self.init.stage.teacher_fields if f not in fields]
+        if teacher_model is None or not fields:
+            return None
+        if cfg.teacher.cache:
+            # The teacher stays on the CPU: its outputs come from the cache (built or resumed here
+            # in single-process runs), and epoch e replays augmentation view e mod V.
+            from rrd_fast.cache import CacheTooLarge, open_cached_teacher
+
+            try:
+                teacher = open_cached_teacher(cfg, teacher_model, self.teacher_meta, self.data.train, acc.device,
+                                              teacher_fields_for(cfg.method), rebuild=rebuild_cache,
+                                              may_build=acc.num_processes == 1)
+            except CacheTooLarge as exc:
+                if cfg.teacher.cache_fallback != "online":
+                    raise
+                if acc.is_main_process:
+                    print(f"{exc}; teacher.cache_fallback=online: running the teacher online", flush=True)
+            else:
+                self.data.train = teacher.wrap(self.data.train)
+                return teacher
+        return OnlineTeacher(teacher_model.to(acc.device, memory_format=self.memory_format), acc)
 
     # ------------------------------------------------------------------ state
     @property
@@ -201,6 +259,7 @@ class Trainer:
             "memory_tag": self._memory_tag(),
             "memory_world_size": self.accelerator.num_processes,
             "optimizer": self.optimizer.state_dict(),
+            "init_optimizer": self.init.optimizer.state_dict() if self.init is not None else {},
             "scaler": scaler.state_dict() if scaler is not None else {},
             "epoch": self.state.epoch,
             "global_step": self.state.global_step,
@@ -244,6 +303,8 @@ class Trainer:
         load_rank_shards(self.run_dir, str(payload["memory_tag"]), int(payload["memory_world_size"]), self.unwrapped,
                          self.accelerator.process_index, self.accelerator.num_processes)
         self.optimizer.load_state_dict(payload["optimizer"])
+        if self.init is not None and payload.get("init_optimizer"):
+            self.init.optimizer.load_state_dict(payload["init_optimizer"])
         if self.accelerator.scaler is not None and payload["scaler"]:
             self.accelerator.scaler.load_state_dict(payload["scaler"])
         self.state = TrainState(int(payload["epoch"]), int(payload["global_step"]), float(payload["best_top1"]),
@@ -253,24 +314,36 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
         cfg, acc = self.cfg, self.accelerator
-        while self.state.epoch < cfg.optim.epochs:
-            record = self._train_epoch(self.state.epoch)
-            if (self.state.epoch + 1) % cfg.train.eval_every == 0 or self.state.epoch + 1 == cfg.optim.epochs:
-                record.update(self.evaluate())
-                if record["top1"] > self.state.best_top1:
-                    self.state.best_top1, self.state.best_epoch = record["top1"], self.state.epoch
+        total = self.init_epochs + cfg.optim.epochs
+        while self.state.epoch < total:
+            epoch = self.state.epoch
+            if epoch < self.init_epochs:
+                record = self._train_epoch(epoch, init=True)
+            else:
+                record = self._train_epoch(epoch, init=False)
+                main_epoch = epoch - self.init_epochs
+                if (main_epoch + 1) % cfg.train.eval_every == 0 or main_epoch + 1 == cfg.optim.epochs:
+                    record.update(self.evaluate())
+                    if record["top1"] > self.state.best_top1:
+                        self.state.best_top1, self.state.best_epoch = record["top1"], main_epoch
             self.state.history.append(record)
             self.state.epoch += 1
             if acc.is_main_process:
                 self._write_metrics()
                 self._write_student()
-            if self.state.epoch % cfg.train.save_every == 0 or self.state.epoch == cfg.optim.epochs:
+            if self.state.epoch % cfg.train.save_every == 0 or self.state.epoch == total:
                 self._save_resume()
             acc.wait_for_everyone()
         summary = self.summary()
         if acc.is_main_process:
             write_json_atomic(self.run_dir / "summary.json", summary)
+        self.close()
         return summary
+
+    def close(self) -> None:
+        """Release the run folder (fit does this at its end)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def _sync_buffers(self) -> None:
         """DDP runs with broadcast_buffers=False (memories differ per rank), so BN stats are synced here."""
@@ -278,34 +351,91 @@ class Trainer:
             for buf in self.unwrapped.student.buffers():
                 torch.distributed.broadcast(buf, 0)
 
-    def _train_epoch(self, epoch: int) -> dict[str, Any]:
-        cfg, acc = self.cfg, self.accelerator
-        lr = lr_at(cfg, epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def _main_step(self, batch: Batch, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        teacher_out = self.teacher(batch, images) if self.teacher is not None and self._main_reads_teacher else None
+        logits, losses = self.module(images, teacher_out, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(sum(losses.values()))
+        self.optimizer.step()
+        return logits, losses
+
+    def _init_step(self, batch: Batch, images: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """One step of the init stage: the term's init loss, its own optimizer, gradients averaged by hand.
+
+        DDP is bypassed (the init modules may not require grad in the main stage, so DDP does not
+        reduce them); with several processes the gradients are all-reduced here instead.
+        """
+        assert self.init is not None
+        module = self.unwrapped
+        term = module.objective.terms[self.init.term_name]
+        teacher_out = self.teacher(batch, images) if self.teacher is not None else None
+        student_out = None
+        if self.init.stage.student_features:
+            with self.accelerator.autocast():
+                student_out = module.student(images, features=True)
+        with self.accelerator.autocast():
+            loss = term.init_loss(student_out, teacher_out, batch)
+        self.init.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.accelerator.num_processes > 1:
+            for param in self.init.params:
+                if param.grad is not None:
+                    torch.distributed.all_reduce(param.grad)
+                    param.grad /= self.accelerator.num_processes
+        self.init.optimizer.step()
+        logits = student_out.logits if student_out is not None else None
+        return logits, {"init": loss}
+
+    def _set_modes(self, init: bool) -> None:
+        """Main stage: everything in train mode. Init stage: as helper/pretrain.py, the student in eval
+        mode and then the init modules (which may be the student's feature modules) in train mode."""
         self.module.train()
+        if init:
+            assert self.init is not None
+            self.unwrapped.student.eval()
+            for mod in self.init.modules:
+                mod.train()
+
+    @property
+    def _main_reads_teacher(self) -> bool:
+        return bool(self.unwrapped.objective.teacher_fields)
+
+    def _train_epoch(self, epoch: int, init: bool) -> dict[str, Any]:
+        cfg, acc = self.cfg, self.accelerator
+        main_epoch = epoch - self.init_epochs
+        if init:
+            assert self.init is not None
+            lr = self.init.optimizer.param_groups[0]["lr"]
+            names, step_fn = ["init"], self._init_step
+            desc = f"init {epoch + 1}/{self.init_epochs}"
+            flags = [p.requires_grad for p in self.init.params]
+            for param in self.init.params:
+                param.requires_grad_(True)
+        else:
+            lr = lr_at(cfg, main_epoch)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.unwrapped.objective.start_epoch(main_epoch)
+            names, step_fn = list(self.unwrapped.objective.weights), self._main_step
+            desc = f"epoch {main_epoch + 1}/{cfg.optim.epochs}"
+        self._set_modes(init)
         pipe = self.data.train
         steps = len(pipe)
-        names = list(self.unwrapped.objective.weights)
         sums = torch.zeros(len(names), device=acc.device, dtype=torch.float64)
         correct = torch.zeros((), device=acc.device, dtype=torch.long)
         pending: list[torch.Tensor] = []
         seen = 0
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", disable=not (cfg.train.progress and acc.is_local_main_process),
+        bar = tqdm(total=steps, desc=desc, disable=not (cfg.train.progress and acc.is_local_main_process),
                    leave=False, dynamic_ncols=True)
         start = time.perf_counter()
         for step, batch in enumerate(pipe.epoch(epoch)):
             images = batch.images.contiguous(memory_format=self.memory_format)
-            teacher_out = self.teacher(batch, images) if self.teacher is not None else None
-            logits, losses = self.module(images, teacher_out, batch)
-            total = sum(losses.values())
-            self.optimizer.zero_grad(set_to_none=True)
-            acc.backward(total)
-            self.optimizer.step()
+            logits, losses = step_fn(batch, images)
             values = torch.stack([losses[n].detach().double() for n in names])
             pending.append(values)
             sums += values
-            correct += (logits.detach().argmax(1) == batch.labels).sum()
+            if logits is not None:
+                correct += (logits.detach().argmax(1) == batch.labels).sum()
             seen += len(batch)
             self.state.global_step += 1
             # On GPU the check costs a host sync, so it runs every 20 steps; on CPU, every step.
@@ -316,12 +446,17 @@ class Trainer:
                 bar.set_postfix(loss=f"{float(sums.sum()) / (step + 1):.4f}", img_s=f"{seen * acc.num_processes / elapsed:.0f}")
             bar.update(1)
         bar.close()
+        if init:
+            for param, flag in zip(self.init.params, flags):
+                param.requires_grad_(flag)
         elapsed = time.perf_counter() - start
         sums = acc.reduce(sums, reduction="mean")
         correct = acc.reduce(correct, reduction="sum")
-        record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "epoch_time_s": elapsed,
-                                  "images_per_s": seen * acc.num_processes / elapsed,
-                                  "train_top1": 100.0 * float(correct) / (seen * acc.num_processes)}
+        record: dict[str, Any] = {"stage": "init" if init else "main",
+                                  "epoch": epoch + 1 if init else main_epoch + 1, "lr": lr, "epoch_time_s": elapsed,
+                                  "images_per_s": seen * acc.num_processes / elapsed}
+        if not init:
+            record["train_top1"] = 100.0 * float(correct) / (seen * acc.num_processes)
         record["loss"] = float(sums.sum()) / steps
         for name, value in zip(names, sums.tolist()):
             record[f"loss_{name}"] = value / steps
@@ -371,7 +506,8 @@ class Trainer:
                        "beta": cfg.method.beta, "options": cfg.method.options},
             "teacher": self.teacher_meta,
             "seed": cfg.seed,
-            "epochs_trained": self.state.epoch,
+            "epochs_trained": max(self.state.epoch - self.init_epochs, 0),
+            "init_epochs_trained": min(self.state.epoch, self.init_epochs),
             "top1_final": evaluated[-1]["top1"] if evaluated else None,
             "top1_best": self.state.best_top1 if evaluated else None,
             "best_epoch": self.state.best_epoch + 1 if evaluated else None,
@@ -380,14 +516,16 @@ class Trainer:
 
     def summary(self) -> dict[str, Any]:
         evaluated = [r for r in self.state.history if "top1" in r]
+        main = [r for r in self.state.history if r.get("stage", "main") == "main"]
         times = [r["epoch_time_s"] for r in self.state.history]
         return {
             "run_dir": str(self.run_dir),
-            "epochs": self.state.epoch,
+            "epochs": len(main),
+            "init_epochs": len(self.state.history) - len(main),
             "top1_last": evaluated[-1]["top1"] if evaluated else math.nan,
             "top1_best": self.state.best_top1,
             "best_epoch": self.state.best_epoch + 1,
             "train_time_s": sum(times),
-            "images_per_s": sum(r["images_per_s"] for r in self.state.history) / max(len(self.state.history), 1),
+            "images_per_s": sum(r["images_per_s"] for r in main) / max(len(main), 1),
             "config": config_to_dict(self.cfg),
         }

@@ -332,7 +332,7 @@ def test_build_interrupted_by_an_error_resumes(env, fp32_cache):
     assert len(read_manifest(cache)["shards"]) == 2
     built = []
     build_cache(cfg, log=built.append)
-    assert "resuming" in built[0] and "built 4 shards" in built[1]
+    assert "GiB per view" in built[0] and "resuming" in built[1] and "built 4 shards" in built[2]
     _assert_same_cache(cache, fp32_cache)
 
 

@@ -57,8 +57,42 @@ def test_lr_schedule_follows_the_recipe() -> None:
     assert lr_at(scaled, 0) == pytest.approx(0.2)
 
 
+PAPER_PAIRS = {  # the RRD paper's two CIFAR-100 tables: same-architecture A1-A7, cross-architecture B1-B6
+    ("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("resnet56", "resnet20"), ("resnet110", "resnet20"),
+    ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("vgg13", "vgg8"), ("vgg13", "MobileNetV2"),
+    ("ResNet50", "MobileNetV2"), ("ResNet50", "vgg8"), ("resnet32x4", "ShuffleV1"), ("resnet32x4", "ShuffleV2"),
+    ("wrn_40_2", "ShuffleV1"),
+}
+SMALL_LR_STUDENTS = {"MobileNetV2", "ShuffleV1", "ShuffleV2"}
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_shipped_configs_load(path: Path) -> None:
     cfg = load_config(path)
-    raw = yaml.safe_load(path.read_text())
-    assert cfg.name == raw["name"]
+    assert cfg.optim.lr == (0.01 if cfg.student.arch in SMALL_LR_STUDENTS else 0.05)
+    assert cfg.train.mixed_precision == "auto"
+    if cfg.method.name == "vanilla":
+        assert cfg.name == f"{cfg.student.arch}_vanilla_seed0"
+    else:
+        assert cfg.name == f"{cfg.teacher.arch}_{cfg.student.arch}_{cfg.method.name}_seed0"
+        assert cfg.teacher.checkpoint == f"runs/cifar100/{cfg.teacher.arch}_vanilla_seed0"
+
+
+def test_every_cell_of_the_paper_tables_is_one_command() -> None:
+    from rrd_fast.methods import list_methods
+    from rrd_fast.methods.objective import method_terms
+
+    pairs = {}
+    for path in CONFIGS:
+        cfg = load_config(path)
+        if cfg.method.name != "vanilla":
+            pairs[(cfg.teacher.arch, cfg.student.arch)] = path
+    assert set(pairs) == PAPER_PAIRS
+    teachers_and_students = {a for pair in PAPER_PAIRS for a in pair}
+    assert {load_config(p).student.arch for p in CONFIGS if load_config(p).method.name == "vanilla"} == teachers_and_students
+    for (teacher, student), path in pairs.items():
+        for method in list_methods():
+            cfg = load_config(path, [f"method.name={method}", "seed=3"])
+            prefix = "" if method == "vanilla" else f"{teacher}_"
+            assert cfg.name == f"{prefix}{student}_{method}_seed3"
+            assert method_terms(cfg.method)  # weights resolve and the terms are known

@@ -24,10 +24,10 @@ Layout:
 """
 
 from rrd_fast.cache.manifest import CACHE_FORMAT, CacheError, MANIFEST_NAME, read_manifest, run_key
-from rrd_fast.cache.builder import build_cache
+from rrd_fast.cache.builder import CacheTooLarge, build_cache
 from rrd_fast.cache.source import CachedTeacher, open_cached_teacher
 
 __all__ = [
-    "CACHE_FORMAT", "CacheError", "CachedTeacher", "MANIFEST_NAME", "build_cache",
+    "CACHE_FORMAT", "CacheError", "CacheTooLarge", "CachedTeacher", "MANIFEST_NAME", "build_cache",
     "open_cached_teacher", "read_manifest", "run_key",
 ]

@@ -37,7 +37,7 @@ from rrd_fast.cache.manifest import (
 from rrd_fast.cache.shards import DTYPES, FaultHook, check_size, clear_stale, plan_shards, write_shard
 from rrd_fast.config import ConfigError, RunConfig
 from rrd_fast.data import IMAGE_DTYPES, build_data
-from rrd_fast.models import ModelOutput
+from rrd_fast.models import ModelOutput, feat_shapes
 from rrd_fast.teacher import load_teacher
 
 CPU_BATCH = 256
@@ -128,6 +128,45 @@ def _check_disk(cache_dir: Path, needed: int) -> None:
         raise CacheError(f"{cache_dir}: the cache needs {needed / 2**30:.2f} GiB more, only {free / 2**30:.2f} GiB free")
 
 
+class CacheTooLarge(CacheError):
+    """The declared teacher fields would not fit teacher.cache_max_gb."""
+
+
+def estimate_cache_bytes(teacher: nn.Module, fields: tuple[str, ...], in_channels: int, image_size: int,
+                         num_samples: int, views: int, dtype: str) -> tuple[int, dict[str, int]]:
+    """(total bytes, bytes per sample and view of each field) of a cache holding `fields`."""
+    shapes = feat_shapes(teacher, in_channels, image_size)
+    per_field = {"logits": int(teacher(torch.zeros(1, in_channels, image_size, image_size)).shape[1]) if "logits" in fields else 0,
+                 "pooled": int(np.prod(shapes[-1])), "stem": int(np.prod(shapes[0])),
+                 "stages": sum(int(np.prod(s)) for s in shapes[1:-1])}
+    per_field["pre_relu"] = per_field["stages"]
+    itemsize = DTYPES[dtype][0].itemsize
+    row = {f: per_field[f] * itemsize for f in fields}
+    return sum(row.values()) * num_samples * views, row
+
+
+def check_cache_size(cfg: RunConfig, teacher: nn.Module, fields: tuple[str, ...], num_samples: int,
+                     log: Callable[[str], None]) -> None:
+    """Say what the cache will cost before building it, and refuse one larger than teacher.cache_max_gb."""
+    from pipelines.formats import get_format
+
+    fmt = get_format(cfg.data.format)
+    was_training = teacher.training
+    with torch.no_grad():
+        total, row = estimate_cache_bytes(teacher.eval(), fields, fmt.channels, fmt.image_size, num_samples,
+                                          cfg.teacher.cache_views, cfg.teacher.cache_dtype)
+    teacher.train(was_training)
+    per_view = total / cfg.teacher.cache_views
+    parts = ", ".join(f"{f} {b / 1024:.1f} KiB" for f, b in row.items())
+    log(f"teacher cache: {num_samples} samples x {cfg.teacher.cache_views} views of [{parts}] per sample in "
+        f"{cfg.teacher.cache_dtype}: {per_view / 2**30:.2f} GiB per view, {total / 2**30:.2f} GiB in all")
+    if total > cfg.teacher.cache_max_gb * 2**30:
+        raise CacheTooLarge(f"teacher.cache: the fields {list(fields)} need {total / 2**30:.1f} GiB for "
+                            f"{cfg.teacher.cache_views} views ({per_view / 2**30:.2f} GiB per view), more than "
+                            f"teacher.cache_max_gb={cfg.teacher.cache_max_gb:g}; raise it, lower teacher.cache_views, "
+                            "or set teacher.cache_fallback=online to run the teacher online")
+
+
 def _default_batch(cfg: RunConfig, device: torch.device) -> int:
     if cfg.teacher.cache_batch_size > 0:
         return cfg.teacher.cache_batch_size
@@ -177,6 +216,7 @@ def build_cache(
         check_compatible(cache_dir, manifest, key, fields)
         if manifest["complete"]:
             return manifest
+    check_cache_size(cfg, teacher, fields, int(key["dataset"]["num_samples"]), log)
     with _build_lock(cache_dir):
         return _build_locked(cfg, cache_dir, rebuild, teacher, teacher_meta, pipeline, device, key, fields, log, fault)
 

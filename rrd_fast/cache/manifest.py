@@ -15,14 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from pipelines.formats import ArraySplit, get_format, read_split
 from rrd_fast.atomic import write_json_atomic
 from rrd_fast.cli import RunError
 from rrd_fast.config import DataConfig, RunConfig
 from rrd_fast.data import train_augmentation
-from rrd_fast.methods import get_method
-from rrd_fast.methods.base import get_term
+from rrd_fast.methods.objective import teacher_fields_for
+from rrd_fast.precision import resolve_mixed_precision
 
 CACHE_FORMAT = "rrd-fast-teacher-cache/1"
 MANIFEST_NAME = "manifest.json"
@@ -34,17 +35,16 @@ class CacheError(RunError):
 
 
 def required_fields(cfg: RunConfig) -> tuple[str, ...]:
-    """Teacher outputs the run's loss terms read, plus logits and pooled features (always kept)."""
-    spec = get_method(cfg.method.name)
-    fields = list(ALWAYS_STORED)
-    for name in ("ce", "kd") + ((spec.term,) if spec.term else ()):
-        fields += [f for f in get_term(name).teacher_fields if f not in fields]
-    return tuple(fields)
+    """Teacher outputs the run's loss terms read in any stage, plus logits and pooled features (always kept)."""
+    return tuple(dict.fromkeys(ALWAYS_STORED + teacher_fields_for(cfg.method)))
 
 
 def resolved_precision(cfg: RunConfig) -> str:
     """Autocast the teacher runs under in the build: the run's own unless set explicitly."""
-    return cfg.train.mixed_precision if cfg.teacher.cache_precision == "auto" else cfg.teacher.cache_precision
+    if cfg.teacher.cache_precision != "auto":
+        return cfg.teacher.cache_precision
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_mixed_precision(cfg.train.mixed_precision, device)
 
 
 def dataset_fingerprint(cfg: DataConfig) -> dict[str, Any]:

@@ -126,7 +126,7 @@ class CachedTeacher:
         out = {name: t.to(self.device, non_blocking=True).float() for name, t in rows.items()}
         lists = {f: [out[k] for k in sorted((k for k in out if k.startswith(f + ".")), key=lambda k: int(k.split(".")[1]))]
                  for f in ("stages", "pre_relu") if f in self.fields}
-        return ModelOutput(logits=out["logits"], pooled=out["pooled"], **lists)
+        return ModelOutput(logits=out["logits"], pooled=out["pooled"], stem=out.get("stem"), **lists)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -88,6 +88,12 @@ class LossTerm(nn.Module):
     name: ClassVar[str]
     Options: ClassVar[type] = type("NoOptions", (), {})
     teacher_fields: tuple[str, ...] = ()
+    init_teacher_fields: ClassVar[tuple[str, ...]] = ()  # what the init stage reads, if the term has one
+
+    @classmethod
+    def teacher_fields_for(cls, options: Any) -> tuple[str, ...]:
+        """Teacher outputs read in any stage with these options, known before building (the cache needs them)."""
+        return tuple(dict.fromkeys(cls.teacher_fields + cls.init_teacher_fields))
 
     def __init__(self, options: Any, student: NetInfo, teacher: NetInfo | None, context: TermContext) -> None:
         super().__init__()

@@ -104,3 +104,4 @@ class RRD(LossTerm):
 
 
 register_method(MethodSpec("rrd", term="rrd", uses_teacher=True, default_weights=(1.0, 0.0, 1.0)))
+register_method(MethodSpec("rrd_kd", term="rrd", uses_teacher=True, default_weights=(1.0, 1.0, 1.0)))
