@@ -19,7 +19,7 @@ from rrd_fast.cli import run_cli
 from rrd_fast.config import load_config
 from rrd_fast.models import create_model
 from rrd_fast.train import main as train_main
-from rrd_fast.trainer import Trainer
+from rrd_fast.trainer import OnlineTeacher, Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 FMNIST_SIDECAR = {"arch": "resnet8", "num_classes": 10, "in_channels": 1, "image_size": 28,
@@ -174,3 +174,56 @@ def test_non_finite_loss_names_step_and_term(fmnist: Path, tmp_path: Path, capsy
     code, err = _cli(args, capsys)
     _assert_one_line_error(code, err, "non-finite loss at step 1", "'kd'")
     assert not (tmp_path / "r" / "model.safetensors").exists()
+
+
+def test_method_name_alone_gives_the_authors_weights_and_saves_them(fmnist: Path, teacher_dir: Path, tmp_path: Path) -> None:
+    args = base_args(fmnist, tmp_path, "rrd_default") + [f"teacher.checkpoint={teacher_dir}", "method.name=rrd",
+                                                          "method.options={rrd: {queue_size: 64}}", "data.train_limit=64"]
+    trainer = Trainer(load_config(None, args))
+    assert trainer.unwrapped.objective.weights == {"ce": 1.0, "rrd": 1.0}
+    saved = yaml.safe_load((tmp_path / "rrd_default" / "config.yaml").read_text())["method"]
+    assert (saved["gamma"], saved["alpha"], saved["beta"]) == (1.0, 0.0, 1.0)
+    kd = Trainer(load_config(None, base_args(fmnist, tmp_path, "kd_default") + [f"teacher.checkpoint={teacher_dir}",
+                                                                               "method.name=kd"]))
+    assert kd.unwrapped.objective.weights == {"ce": 0.1, "kd": 0.9}
+    assert isinstance(kd.teacher, OnlineTeacher)
+
+
+def test_an_objective_that_reads_no_teacher_output_does_not_run_the_teacher(fmnist: Path, teacher_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    args = base_args(fmnist, tmp_path, "kd_ce_only") + [f"teacher.checkpoint={teacher_dir}", "method.name=kd",
+                                                         "method.gamma=1", "method.alpha=0", "optim.epochs=1",
+                                                         "data.train_limit=64"]
+    trainer = Trainer(load_config(None, args))
+    assert trainer.teacher is None and list(trainer.unwrapped.objective.weights) == ["ce"]
+    trainer.fit()
+    assert json.loads((tmp_path / "kd_ce_only" / "model.json").read_text())["teacher"]["sha256"]
+
+
+def test_a_fresh_run_never_overwrites_a_run_folder(fmnist: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = base_args(fmnist, tmp_path, "mine") + ["optim.epochs=1", "data.train_limit=64"]
+    assert _cli(args, capsys)[0] == 0
+    before = (tmp_path / "mine" / "model.safetensors").read_bytes()
+    code, err = _cli(args + ["seed=5"], capsys)
+    _assert_one_line_error(code, err, str(tmp_path / "mine"), "--resume", "name=", "--overwrite")
+    assert (tmp_path / "mine" / "model.safetensors").read_bytes() == before
+    assert _cli(["--overwrite", *args, "seed=5"], capsys)[0] == 0
+    assert yaml.safe_load((tmp_path / "mine" / "config.yaml").read_text())["seed"] == 5
+    assert not (tmp_path / "mine" / ".lock").exists()
+
+
+def test_a_run_folder_locked_by_a_live_process_is_refused(fmnist: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "busy").mkdir()
+        (tmp_path / "busy" / ".lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        code, err = _cli(base_args(fmnist, tmp_path, "busy") + ["optim.epochs=1", "data.train_limit=64"], capsys)
+        _assert_one_line_error(code, err, f"pid {holder.pid}", socket.gethostname())
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is dead now: its lock is stale and taken over
+    assert _cli(base_args(fmnist, tmp_path, "busy") + ["optim.epochs=1", "data.train_limit=64"], capsys)[0] == 0
