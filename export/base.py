@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from export.errors import BackendUnavailable, ExportError
-from pipelines.errors import did_you_mean
+from pipelines.registry import Registry
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
 
@@ -123,30 +123,21 @@ class Backend(ABC):
         """Load the artifact's files; map each served batch size (None = any) to its runner."""
 
 
-_BACKENDS: dict[str, Backend] = {}
-_ALIASES: dict[str, str] = {}
+BACKENDS: Registry[Backend] = Registry("backend", setting="--backend", error=ExportError)
 
 
 def register_backend(cls: type[Backend]) -> type[Backend]:
-    """Class decorator: one instance per backend, looked up by `cls.name`."""
-    if cls.name in _BACKENDS:
-        raise ValueError(f"export backend {cls.name!r} registered twice")
-    _BACKENDS[cls.name] = cls()
-    for alias in cls.aliases:
-        _ALIASES[alias] = cls.name
+    """Class decorator: one instance per backend, looked up by `cls.name` or one of `cls.aliases`."""
+    BACKENDS.register(cls(), aliases=cls.aliases)
     return cls
 
 
 def get_backend(name: str) -> Backend:
-    name = _ALIASES.get(name, name)
-    if name not in _BACKENDS:
-        hint = did_you_mean(name, _BACKENDS)
-        raise ExportError(f"--backend: unknown backend {name!r}{hint} (known: {', '.join(list_backends())})")
-    return _BACKENDS[name]
+    return BACKENDS.get(name)
 
 
 def list_backends() -> list[str]:
-    return sorted(_BACKENDS)
+    return BACKENDS.names()
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:

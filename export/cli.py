@@ -1,22 +1,19 @@
 """Command-line plumbing shared by `python -m export` and `python -m export.bench`.
 
 Bad input (a missing checkpoint, an unknown backend, a corrupted artifact, a bad flag)
-becomes one line on stderr and exit code 2, as in the trainer's CLI.
+becomes one line on stderr and exit code 2, as in the trainer's CLI: every such error is a
+`UserError`, which the trainer's `run_cli` catches.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, NoReturn
+from typing import NoReturn
 
-from export.errors import ExportError
-from pipelines.errors import DataError
-from rrd_fast.checkpoint import CheckpointError
-from rrd_fast.cli import run_cli as run_with_errors
-from rrd_fast.models import UnknownModelError
+from rrd_fast.cli import run_cli
 
-USER_ERRORS: tuple[type[Exception], ...] = (ExportError, DataError, CheckpointError, UnknownModelError)
+__all__ = ["OneLineParser", "run_cli"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -25,8 +22,3 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"error: {' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
-
-
-def run_cli(main: Callable[[], int]) -> int:
-    """The trainer's one-line error handling, for the errors of export and its inputs."""
-    return run_with_errors(main, USER_ERRORS)

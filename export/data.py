@@ -1,9 +1,9 @@
 """The images an artifact is evaluated (and int8-calibrated) on.
 
 By default the dataset named in the student's sidecar; `--data CFG` points at a training
-config instead, of which only `data.format`, `data.root` and `data.eval_limit` are read
-(with `yaml.safe_load`: export needs no training code). Batches come from the project's
-torch pipeline, normalised exactly as in training evaluation.
+config instead, read by the trainer's own `load_config` (which needs no training code), of
+which `data.format`, `data.root` and `data.eval_limit` are used. Batches come from the
+project's torch pipeline, normalised exactly as in training evaluation.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import yaml
 
 from export.base import CalibrationSource
 from export.errors import ExportError
@@ -22,6 +21,7 @@ from pipelines.backends import build_pipeline
 from pipelines.errors import DataError
 from pipelines.formats import ArraySplit, DatasetFormat, FileSplit, Split, get_format, head, read_split
 from pipelines.sampler import EpochSampler
+from rrd_fast.config import load_config
 
 
 @dataclass(frozen=True)
@@ -37,17 +37,10 @@ def data_source(meta: dict[str, Any], config: str | Path | None = None, eval_lim
         path = Path(config)
         if not path.is_file():
             raise ExportError(f"{path}: --data config not found")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ExportError(f"{path}: not valid YAML ({' '.join(str(exc).split())[:200]})") from None
-        data = raw.get("data") if isinstance(raw, dict) else None
-        if not isinstance(data, dict) or "format" not in data or "root" not in data:
-            raise ExportError(f"{path}: expected a 'data' section with 'format' and 'root'")
-        limit = data.get("eval_limit", 0)
-        if not isinstance(limit, int) or limit < 0:
-            raise ExportError(f"{path}: data.eval_limit must be a non-negative integer, got {limit!r}")
-        source = DataSource(str(data["format"]), str(data["root"]), limit)
+        data = load_config(path).data
+        if data.eval_limit < 0:
+            raise ExportError(f"{path}: data.eval_limit must be a non-negative integer, got {data.eval_limit!r}")
+        source = DataSource(data.format, data.root, data.eval_limit)
     else:
         dataset = meta.get("dataset")
         if not isinstance(dataset, dict) or "format" not in dataset or "root" not in dataset:
@@ -106,15 +99,7 @@ class ImageSet:
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """Normalised float32 image batches in dataset order (the last one may be short)."""
         sampler = EpochSampler(len(self), batch_size, shuffle=False, drop_last=False)
-        try:
-            pipeline = build_pipeline("torch", self.split, self.fmt, sampler, None, device=self.device)
-        except DataError as exc:
-            if self.fmt.kind == "files":
-                raise DataError(
-                    f"data.format {self.fmt.name!r}: evaluating artifacts on file datasets is not yet supported "
-                    f"(the torch pipeline has no file reader yet: {exc})"
-                ) from None
-            raise
+        pipeline = build_pipeline("torch", self.split, self.fmt, sampler, None, device=self.device)
         try:
             for batch in pipeline.epoch(0):
                 if tuple(batch.images.shape[1:]) != self.chw:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pipelines.errors import UserError
 
-class ExportError(ValueError):
+
+class ExportError(UserError):
     """An artifact, request or setting that cannot be used. The message is one line naming the file or option."""
 
 

@@ -1,8 +1,8 @@
 """Pipeline backends behind one constructor, chosen by `data.pipeline` (`torch`, `dali` or `auto`).
 
 `auto` reads `auto_backend.json` beside this file: for each dataset kind (`array`, `files`)
-and device type (`cpu`, `cuda`) it holds the backend that `python -m pipelines.bench
---write-auto-table` measured to be faster on such a machine, with the figures. Where the
+and device type (`cpu`, `cuda`) it holds the backend that `python -m rrd_fast.bench
+pipelines --write-auto-table` measured to be faster on such a machine, with the figures. Where the
 table has no measurement for the pair, or names DALI but DALI is not installed, `auto`
 falls back to `torch`, the backend that is always installed. The choice and its reason are
 logged on the `pipelines.backends` logger.
@@ -22,8 +22,9 @@ from pipelines.augment import AugSpec, CropFlipSpec, ResizedCropSpec
 from pipelines.batch import Batch
 from pipelines.errors import DataError
 from pipelines.formats.base import ArraySplit, DatasetFormat, Split
+from pipelines.registry import Registry
 from pipelines.sampler import EpochSampler
-from pipelines.torch_pipeline import ArrayPipeline
+from pipelines.torch_arrays import ArrayPipeline
 
 log = logging.getLogger("pipelines.backends")
 
@@ -43,21 +44,16 @@ class Pipeline(Protocol):
 
 
 PipelineFactory = Callable[..., Pipeline]
-_BACKENDS: dict[str, PipelineFactory] = {}
+BACKENDS: Registry[PipelineFactory] = Registry("backend", setting="data.pipeline", error=DataError)
 
 
 def register_backend(name: str) -> Callable[[PipelineFactory], PipelineFactory]:
     """Register `factory(split, fmt, sampler, augment, device, dtype, on_corrupt) -> Pipeline`."""
-
-    def wrap(factory: PipelineFactory) -> PipelineFactory:
-        _BACKENDS[name] = factory
-        return factory
-
-    return wrap
+    return BACKENDS.register(name=name)
 
 
 def list_backends() -> list[str]:
-    return sorted(_BACKENDS)
+    return BACKENDS.names()
 
 
 def build_pipeline(
@@ -71,11 +67,10 @@ def build_pipeline(
     on_corrupt: str = "error",
 ) -> Pipeline:
     """`on_corrupt` (file datasets): `error` stops at an undecodable image, `skip` drops it with a warning."""
-    if backend not in _BACKENDS:
-        raise DataError(f"data.pipeline: unknown backend {backend!r} (known: {', '.join(sorted(_BACKENDS))})")
+    factory = BACKENDS.get(backend)
     _check_augment(split, fmt, augment)
-    return _BACKENDS[backend](split=split, fmt=fmt, sampler=sampler, augment=augment, device=device, dtype=dtype,
-                              on_corrupt=on_corrupt)
+    return factory(split=split, fmt=fmt, sampler=sampler, augment=augment, device=device, dtype=dtype,
+                   on_corrupt=on_corrupt)
 
 
 def _check_augment(split: Split, fmt: DatasetFormat, augment: AugSpec | None) -> None:
@@ -146,7 +141,7 @@ def resolve_backend(requested: str, fmt: DatasetFormat, device: str | torch.devi
     key = auto_key(fmt.kind, device)
     entry = load_auto_table(path).get("entries", {}).get(key)
     choice, reason = FALLBACK_BACKEND, f"no measurement for {key} in {path.name}; fallback"
-    if isinstance(entry, dict) and entry.get("backend") in _BACKENDS:
+    if isinstance(entry, dict) and entry.get("backend") in BACKENDS:
         figures = ", ".join(f"{k} {v:,.0f} img/s" for k, v in sorted(entry.get("img_s", {}).items()))
         reason = f"measured on {entry.get('machine', 'unknown machine')}: {figures}"
         choice = entry["backend"]

@@ -20,8 +20,8 @@ frames, and `fn.warp_affine` applies one integer translation (the crop), mirrore
 per frame (`fn.per_frame` matrices, nearest-neighbour, so pixels are copied exactly), then
 `fn.crop_mirror_normalize` normalises all frames. DALI's per-sample cost is then paid once
 per batch instead of once per image. On the CPU the per-image work of warp_affine costs
-about what it saves (0.95x the default in `pipelines.bench --dali-sequence` on the 2-core
-dev machine), so it is not the default; on a GPU, where the pixel work is cheap and
+about what it saves (`rrd_fast.bench pipelines --dali-sequence` measures it slightly slower than
+the default), so it is not the default; on a GPU, where the pixel work is cheap and
 per-sample bookkeeping is what is left, the same flag measures it beside the default.
 """
 
@@ -34,14 +34,17 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.augment import CropFlipSpec
+from pipelines.base import BasePipeline
 from pipelines.batch import Batch
-from pipelines.dali_common import (DaliRunner, Source, Work, batch_from_outputs, default_lanes, default_threads,
-                                   import_dali, output_dtype, round_robin)
+from pipelines.dali_common import (DaliRunner, Source, Work, dali_images, default_lanes, default_threads, import_dali,
+                                   output_dtype, round_robin)
 from pipelines.sampler import EpochSampler
 
 
-class DaliArrayPipeline:
+class DaliArrayPipeline(BasePipeline):
     """Yields `Batch`es of one in-memory split through DALI, augmented (train) or only normalised (eval)."""
+
+    augment_type = CropFlipSpec
 
     def __init__(
         self,
@@ -63,10 +66,7 @@ class DaliArrayPipeline:
         if images.ndim != 4 or images.dtype != np.uint8:
             raise ValueError(f"images must be uint8 N×H×W×C, got {images.dtype} {images.shape}")
         self.dali = import_dali()
-        self.sampler = sampler
-        self.augment = augment
-        self.device = torch.device(device)
-        self.dtype = dtype
+        super().__init__(labels, sampler, augment, device, dtype)
         self._out_type = output_dtype(dtype)
         n, h, w, c = images.shape
         self.height, self.width, self.channels = h, w, c
@@ -74,7 +74,6 @@ class DaliArrayPipeline:
         self.sequence = sequence
         self._on_gpu = self.device.type == "cuda"
         self._images: Any = self._padded(images)
-        self._labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
         self._mean = [255.0 * m for m in mean]
         self._std = [255.0 * s for s in std]
         self.lanes = lanes or default_lanes(self.device)
@@ -159,44 +158,31 @@ class DaliArrayPipeline:
                           num_threads=self.threads_per_lane, prefetch=prefetch)
 
     # ------------------------------------------------------------------ interface
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def aug_params(self, index: np.ndarray, epoch: int) -> np.ndarray:
-        if self.augment is None:
-            return CropFlipSpec.identity(len(index))
-        return self.augment.params(self.sampler.seed, epoch, index)
-
     def _work(self, index: np.ndarray, epoch: int) -> Work:
         index = np.asarray(index, dtype=np.int64)
         return Work(index=index, epoch=epoch, aug=self.aug_params(index, epoch))
 
-    def _batch(self, work: Work, outputs: list[Any]) -> Batch:
-        batch = batch_from_outputs(work, outputs, self._labels, self.device, self.dtype, self._on_gpu)
+    def _from_dali(self, work: Work, outputs: list[Any]) -> Batch:
+        images = dali_images(outputs, self.device, self.dtype)
         if self.sequence:  # one sample of B frames: 1×B×C×H×W
-            batch.images = batch.images.flatten(0, 1)
-        return batch
+            images = images.flatten(0, 1)
+        return self._batch(images, work.index, work.aug, work.epoch)
 
-    def epoch(self, epoch: int, start_step: int = 0, aug_epoch: int | None = None) -> Iterator[Batch]:
-        """Batches of `epoch` from `start_step` on: a pure function of (seed, epoch).
-
-        `aug_epoch` (default: `epoch`) draws the augmentation of another epoch while keeping
-        this epoch's sample order (the teacher cache replays its stored views this way).
-        """
-        aug = epoch if aug_epoch is None else aug_epoch
-        plan = [np.asarray(index, dtype=np.int64) for index in self.sampler.batches(epoch)[start_step:]]
+    def _batches(self, plan: list[np.ndarray], epoch: int) -> Iterator[Batch]:
+        """The plan dealt to the lanes in turn (`round_robin`), its batches back in plan order."""
+        plan = [np.asarray(index, dtype=np.int64) for index in plan]
         if not plan:
             return
         # One vectorised hash for the whole epoch instead of one small one per batch.
-        params = self.aug_params(np.concatenate(plan), aug)
+        params = self.aug_params(np.concatenate(plan), epoch)
         rows = np.split(params, np.cumsum([len(index) for index in plan])[:-1])
-        works = [Work(index=index, epoch=aug, aug=own) for index, own in zip(plan, rows)]
+        works = [Work(index=index, epoch=epoch, aug=own) for index, own in zip(plan, rows)]
         for work, outputs in round_robin(self._runners, works):
-            yield self._batch(work, outputs)
+            yield self._from_dali(work, outputs)
 
     def batch_for(self, index: np.ndarray, epoch: int) -> Batch:
         """Regenerate the exact batch for these sample indices at this augmentation epoch."""
         if self._single is None or (not self.sequence and self._single.batch_size < len(index)):
             self._single = self._make_runner(prefetch=1, batch_size=max(len(index), self.sampler.batch_size))
         ((work, outputs),) = list(self._single.run([self._work(index, epoch)]))
-        return self._batch(work, outputs)
+        return self._from_dali(work, outputs)

@@ -22,7 +22,6 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from pipelines.batch import Batch
 from pipelines.errors import DataError
 
 INSTALL_HINT = "install the `dali` extra (pip install nvidia-dali-cuda120)"
@@ -61,12 +60,11 @@ def default_lanes(device: torch.device) -> int:
     one on a GPU.
 
     DALI's per-sample bookkeeping runs largely serially within one pipeline, so a second
-    worker thread barely helps 32x32 images while a second pipeline does: on the 2-core CPU
-    the bare DALI graph gave 63k img/s with one lane of 2 threads against 89k with two lanes
-    of 1 thread. In the full pipeline the Python thread that feeds the lanes shares those two
-    cores, and the gain shrinks to within this VM's noise (medians over 10-12 bench runs: 1 lane
-    78k, 2 lanes 81k, 3 lanes 83k, 4 lanes 85k). A GPU pipeline keeps one lane until the GPU
-    benchmark (`--dali-lanes`) says otherwise.
+    worker thread barely helps 32x32 images while a second pipeline does (the bare DALI
+    graph is markedly faster with two lanes of one thread than with one lane of two). In
+    the full pipeline the Python thread that feeds the lanes shares the cores, and the gain
+    shrinks to about the run-to-run noise; `rrd_fast.bench pipelines --dali-lanes` measures it.
+    A GPU pipeline keeps one lane until the GPU benchmark says otherwise.
     """
     if device.type == "cuda":
         return 1
@@ -103,14 +101,10 @@ def to_torch(tl: Any, device: torch.device, dtype: torch.dtype, stream: Any = No
     return out if out.dtype == dtype else out.to(dtype)
 
 
-def batch_from_outputs(work: "Work", outputs: list[Any], labels: torch.Tensor, device: torch.device,
-                       dtype: torch.dtype, on_gpu: bool) -> Batch:
-    """The Batch for one planned batch from the DALI pipeline's image output."""
-    stream = torch.cuda.current_stream(device) if on_gpu else None
-    images = to_torch(outputs[0], device, dtype, stream)
-    idx = torch.from_numpy(work.index).to(device)
-    aug = torch.from_numpy(work.aug).to(device)
-    return Batch(images=images, labels=labels[idx], index=idx, aug=aug, epoch=work.epoch)
+def dali_images(outputs: list[Any], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The image output (the first) of one DALI pipeline run as a torch tensor on `device` with `dtype`."""
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    return to_torch(outputs[0], device, dtype, stream)
 
 
 @dataclass

@@ -32,11 +32,12 @@ import numpy as np
 import torch
 
 from pipelines.augment import ResizedCropSpec
+from pipelines.base import FileSplitPipeline
 from pipelines.batch import Batch
-from pipelines.dali_common import DaliRunner, Source, Work, batch_from_outputs, first_error_line, import_dali, output_dtype
+from pipelines.dali_common import DaliRunner, Source, Work, dali_images, first_error_line, import_dali, output_dtype
 from pipelines.errors import DataError
 from pipelines.sampler import EpochSampler
-from pipelines.views import CenterCropSpec, CorruptFiles, looks_like_image
+from pipelines.views import CenterCropSpec, looks_like_image
 
 
 def _pillow_reason(path: Path) -> str | None:
@@ -51,7 +52,7 @@ def _pillow_reason(path: Path) -> str | None:
     return None
 
 
-class DaliFilePipeline:
+class DaliFilePipeline(FileSplitPipeline):
     """Yields `Batch`es of a `FileSplit` decoded and augmented by DALI."""
 
     def __init__(
@@ -71,20 +72,10 @@ class DaliFilePipeline:
         on_corrupt: str = "error",
         readers: int = 2,
     ) -> None:
-        if len(paths) != len(labels):
-            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
+        super().__init__(paths, labels, sampler, augment, size, center, device, dtype, on_corrupt)
         self.dali = import_dali()
-        self.paths = [Path(p) for p in paths]
-        self.sampler = sampler
-        self.augment = augment
-        self.size = size
-        self.center = center
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.corrupt = CorruptFiles(on_corrupt)
         self._out_type = output_dtype(dtype)
         self._on_gpu = self.device.type == "cuda"
-        self._labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
         self._mean = [255.0 * m for m in mean]
         self._std = [255.0 * s for s in std]
         self._num_threads, self._prefetch = num_threads, prefetch
@@ -144,7 +135,7 @@ class DaliFilePipeline:
                 continue
             path = self.paths[i]
             try:
-                with open(path, "rb") as fh:  # 9 us a file here against 14 us for np.fromfile
+                with open(path, "rb") as fh:  # cheaper per file than np.fromfile
                     raw = fh.read()
             except OSError as exc:
                 raise DataError(f"{path}: cannot read image file ({exc.strerror or type(exc).__name__})") from None
@@ -230,45 +221,24 @@ class DaliFilePipeline:
         return retry
 
     # ------------------------------------------------------------------ interface
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    @property
-    def skipped(self) -> int:
-        """Corrupt files skipped so far (policy `skip`)."""
-        return self.corrupt.count
-
-    def aug_params(self, index: np.ndarray, epoch: int) -> np.ndarray:
-        if self.augment is None:
-            return ResizedCropSpec.identity(len(index))
-        return self.augment.params(self.sampler.seed, epoch, index)
-
-    def _batch(self, work: Work, outputs: list[Any]) -> Batch:
-        return batch_from_outputs(work, outputs, self._labels, self.device, self.dtype, self._on_gpu)
+    def _from_dali(self, work: Work, outputs: list[Any]) -> Batch:
+        return self._batch(dali_images(outputs, self.device, self.dtype), work.index, work.aug, work.epoch)
 
     def _empty(self, epoch: int) -> Batch:
-        z = torch.zeros(0, dtype=torch.int64, device=self.device)
         images = torch.zeros((0, 3, self.size, self.size), dtype=self.dtype, device=self.device)
-        aug = torch.from_numpy(ResizedCropSpec.identity(0)).to(self.device)
-        return Batch(images=images, labels=z, index=z.clone(), aug=aug, epoch=epoch)
+        return self._batch(images, np.zeros(0, dtype=np.int64), ResizedCropSpec.identity(0), epoch)
 
-    def epoch(self, epoch: int, start_step: int = 0, aug_epoch: int | None = None) -> Iterator[Batch]:
-        """Batches of `epoch` from `start_step` on; skipped corrupt files shrink their batch.
-
-        `aug_epoch` (default: `epoch`) draws the augmentation of another epoch while keeping
-        this epoch's sample order (the teacher cache replays its stored views this way).
-        """
-        aug = epoch if aug_epoch is None else aug_epoch
-        works = self._works(self.sampler.batches(epoch)[start_step:], aug)
-        for work, outputs in self._runner.run(works):
-            yield self._batch(work, outputs)
+    def _batches(self, plan: list[np.ndarray], epoch: int) -> Iterator[Batch]:
+        """The plan's bytes read ahead and run through DALI; skipped corrupt files shrink their batch."""
+        for work, outputs in self._runner.run(self._works(plan, epoch)):
+            yield self._from_dali(work, outputs)
 
     def batch_for(self, index: np.ndarray, epoch: int) -> Batch:
         """Regenerate the exact batch for these sample indices at this augmentation epoch."""
         if self._single is None or self._single.batch_size < len(index):
             self._single = self._make_runner(prefetch=1, batch_size=max(len(index), self.sampler.batch_size))
         out = list(self._single.run(self._works([np.asarray(index, dtype=np.int64)], epoch)))
-        return self._batch(*out[0]) if out else self._empty(epoch)
+        return self._from_dali(*out[0]) if out else self._empty(epoch)
 
     def close(self) -> None:
         self._runner.discard()

@@ -1,4 +1,9 @@
-"""The one exception type the data side raises for bad input, and the shared "did you mean" hint."""
+"""The project's one root for user-facing errors, the data side's own kind, and the "did you mean" hint.
+
+Every error that means "fix your input" (a config key, a model name, a file, a flag)
+subclasses `UserError`, so each command line catches that one type and prints its
+one-line message; anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,11 @@ import difflib
 from typing import Iterable
 
 
-class DataError(ValueError):
+class UserError(ValueError):
+    """Bad input from the user. The message is one line that names the file, key or option to fix."""
+
+
+class DataError(UserError):
     """Bad or missing data. The message is one line that names the file or field."""
 
 

@@ -21,11 +21,12 @@ import torch
 from PIL import Image
 
 from pipelines.augment import ResizedCropSpec
+from pipelines.base import FileSplitPipeline
 from pipelines.batch import Batch
 from pipelines.errors import DataError
 from pipelines.normalize import Normalizer
 from pipelines.sampler import EpochSampler
-from pipelines.views import CenterCropSpec, CorruptFiles, train_box
+from pipelines.views import CenterCropSpec, train_box
 
 _READ_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 # What Pillow raises for a file that is not a decodable image.
@@ -60,7 +61,7 @@ def load_view(path: Path, size: int, aug_row: np.ndarray | None, center: CenterC
     return np.asarray(out)
 
 
-class FilePipeline:
+class FilePipeline(FileSplitPipeline):
     """Yields `Batch`es of a `FileSplit`, decoded with Pillow in `workers` threads."""
 
     def __init__(
@@ -79,34 +80,11 @@ class FilePipeline:
         on_corrupt: str = "error",
         prefetch: int = 2,
     ) -> None:
-        if len(paths) != len(labels):
-            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
-        self.paths = [Path(p) for p in paths]
-        self.sampler = sampler
-        self.augment = augment
-        self.size = size
-        self.center = center
-        self.device = torch.device(device)
-        self.dtype = dtype
+        super().__init__(paths, labels, sampler, augment, size, center, device, dtype, on_corrupt)
         self.workers = workers or default_workers()
         self.prefetch = max(0, prefetch)
-        self.corrupt = CorruptFiles(on_corrupt)
-        self._labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
         self._normalize = Normalizer(mean, std, self.device, dtype)
         self._pool: ThreadPoolExecutor | None = None
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    @property
-    def skipped(self) -> int:
-        """Corrupt files skipped so far (policy `skip`)."""
-        return self.corrupt.count
-
-    def aug_params(self, index: np.ndarray, epoch: int) -> np.ndarray:
-        if self.augment is None:
-            return ResizedCropSpec.identity(len(index))
-        return self.augment.params(self.sampler.seed, epoch, index)
 
     # ------------------------------------------------------------------ decoding
     def _load(self, i: int, aug_row: np.ndarray | None) -> np.ndarray | None:
@@ -144,30 +122,21 @@ class FilePipeline:
             pixels = torch.from_numpy(np.stack([views[k] for k in keep]))
         else:
             pixels = torch.zeros((0, self.size, self.size, 3), dtype=torch.uint8)
-        images = self._normalize(pixels.to(self.device).permute(0, 3, 1, 2))
-        idx = torch.from_numpy(index).to(self.device)
-        return Batch(images=images, labels=self._labels[idx], index=idx, aug=torch.from_numpy(aug).to(self.device),
-                     epoch=epoch)
+        return self._batch(self._normalize(pixels.to(self.device).permute(0, 3, 1, 2)), index, aug, epoch)
 
     # ------------------------------------------------------------------ interface
-    def epoch(self, epoch: int, start_step: int = 0, aug_epoch: int | None = None) -> Iterator[Batch]:
-        """Batches of `epoch` from `start_step` on; corrupt files skipped (policy `skip`) shrink their batch.
-
-        `aug_epoch` (default: `epoch`) draws the augmentation of another epoch while keeping
-        this epoch's sample order (the teacher cache replays its stored views this way).
-        """
-        aug_e = epoch if aug_epoch is None else aug_epoch
-        plan = iter(self.sampler.batches(epoch)[start_step:])
+    def _batches(self, plan: list[np.ndarray], epoch: int) -> Iterator[Batch]:
+        """`prefetch` batches decoding ahead; corrupt files skipped (policy `skip`) shrink their batch."""
         ahead: deque = deque()
         try:
             for index in plan:
-                ahead.append(self._submit(index, aug_e))
+                ahead.append(self._submit(index, epoch))
                 if len(ahead) > self.prefetch:
-                    batch = self._collect(*ahead.popleft(), aug_e)
+                    batch = self._collect(*ahead.popleft(), epoch)
                     if len(batch):
                         yield batch
             while ahead:
-                batch = self._collect(*ahead.popleft(), aug_e)
+                batch = self._collect(*ahead.popleft(), epoch)
                 if len(batch):
                     yield batch
         finally:

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipelines.errors import UserError
 from rrd_fast.atomic import atomic_path, read_json_object, write_json_atomic
 from rrd_fast.models import create_model
 
@@ -22,7 +23,7 @@ SIDECAR_NAME = "model.json"
 SIDECAR_FORMAT = "rrd-fast-model/1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that is missing, corrupt, or does not match what was asked for."""
 
 

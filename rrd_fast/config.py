@@ -16,10 +16,10 @@ from typing import Any, Literal
 
 import yaml
 
-from pipelines.errors import did_you_mean
+from pipelines.errors import UserError, did_you_mean
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file, key or value that is wrong; the message names the key."""
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ class RunData:
     num_eval: int
     backend: str
     train_labels: np.ndarray | None = None  # labels of the (limited) training split, for class-aware memories
+    train_split: Any = None  # the (limited) training split as read: arrays or file list, for fingerprints
 
 
 def train_augmentation(cfg: DataConfig, fmt: DatasetFormat) -> AugSpec:
@@ -58,4 +60,5 @@ def build_data(cfg: DataConfig, seed: int, rank: int, world_size: int, device: t
                            dtype=dtype, on_corrupt=cfg.on_corrupt)
     evaluation = build_pipeline(backend, eval_split, fmt, eval_sampler, None, device=device, dtype=dtype,
                                 on_corrupt=cfg.on_corrupt)
-    return RunData(fmt, train, evaluation, n_train, n_eval, backend, np.asarray(train_split.labels, dtype=np.int64))
+    return RunData(fmt, train, evaluation, n_train, n_eval, backend, np.asarray(train_split.labels, dtype=np.int64),
+                   train_split)

@@ -1,12 +1,13 @@
 """Memories of teacher embeddings that relational losses compare against.
 
-Every memory implements one interface (`Memory`): `loss(...)` returns the per-sample soft
-cross-entropy of this rank's samples and updates the memory in the order the method asks
-for. Memories are registered by (kind, sharding mode), so the RRD term never knows how
-many processes share its memory or how its rows are split:
+Every memory implements one interface (`Memory`): `loss(...)` returns the per-sample losses
+of this rank's samples (RRD's soft cross-entropy, or CRD's NCE) and updates the memory in the
+order the method asks for. Memories are registered by (kind, sharding mode), so a term never
+knows how many processes share its memory or how its rows are split:
 
 - kind `fifo`: a K×D queue of teacher keys (this file; sharded and replicated variants in
-  `memory_sharded.py`); kind `momentum`: CRD's N×D banks indexed by sample (`memory_momentum.py`).
+  `memory_sharded.py`); kind `momentum`: CRD's N×D banks indexed by sample (`memory_momentum.py`);
+  kind `contrast`: the same banks with CRD's own NCE loss (`memory_contrast.py`).
 - sharding `local`: each process keeps its own memory, fed only its own samples (the
   reference code's behaviour under DDP); `replicated`: every process holds the whole
   memory and feeds it the gathered global batch; `sharded`: each process holds 1/W of the
@@ -34,21 +35,22 @@ def soft_target_cross_entropy(
 ) -> torch.Tensor:
     """Per-sample  -sum_k softmax(z_t·k/tau_t) log softmax(z_s·k/tau_s), the target detached."""
     with torch.autocast(device_type=z_s.device.type, enabled=False):
-        keys = keys.float()
-        logits_s = z_s.float() @ keys.t() / tau_s
+        dtype = torch.promote_types(torch.promote_types(z_s.dtype, keys.dtype), torch.float32)  # fp64 stays fp64
+        keys = keys.to(dtype)
+        logits_s = z_s.to(dtype) @ keys.t() / tau_s
         with torch.no_grad():
-            p_t = F.softmax(z_t.float() @ keys.t() / tau_t, dim=1)
+            p_t = F.softmax(z_t.to(dtype) @ keys.t() / tau_t, dim=1)
         return -(p_t * F.log_softmax(logits_s, dim=1)).sum(dim=1)
 
 
 _ROW_BLOCK = 4096
 
 
-def unit_rows(seed: int, start: int, stop: int, dim: int, stream: int = 0) -> torch.Tensor:
-    """Rows [start, stop) of a fixed, conceptually unbounded matrix of random unit vectors.
+def random_rows(seed: int, start: int, stop: int, dim: int, stream: int = 0, uniform: bool = False) -> torch.Tensor:
+    """Rows [start, stop) of a fixed, conceptually unbounded matrix of N(0, 1) entries (U[0, 1) if `uniform`).
 
     Rows come in blocks of 4096, each drawn from its own generator, so any rank can build
-    exactly its slice of the initial memory without ever materialising the whole of it,
+    exactly its slice of an initial memory without ever materialising the whole of it,
     and a sharded memory starts out equal to the single-process one row for row.
     """
     if stop <= start:
@@ -56,11 +58,17 @@ def unit_rows(seed: int, start: int, stop: int, dim: int, stream: int = 0) -> to
     parts = []
     for block in range(start // _ROW_BLOCK, (stop - 1) // _ROW_BLOCK + 1):
         block_seed = ((seed * 1_000_003 + stream) * 1_000_033 + block) % (2**63 - 1)
-        rows = torch.randn(_ROW_BLOCK, dim, generator=torch.Generator().manual_seed(block_seed))
+        generator = torch.Generator().manual_seed(block_seed)
+        rows = (torch.rand if uniform else torch.randn)(_ROW_BLOCK, dim, generator=generator)
         lo = max(start - block * _ROW_BLOCK, 0)
         hi = min(stop - block * _ROW_BLOCK, _ROW_BLOCK)
         parts.append(rows[lo:hi])
-    return F.normalize(torch.cat(parts), dim=1)
+    return torch.cat(parts)
+
+
+def unit_rows(seed: int, start: int, stop: int, dim: int, stream: int = 0) -> torch.Tensor:
+    """Rows [start, stop) of a fixed matrix of random unit vectors (see `random_rows`)."""
+    return F.normalize(random_rows(seed, start, stop, dim, stream), dim=1)
 
 
 @dataclass(frozen=True)
@@ -83,11 +91,11 @@ class RowShard:
 class MemorySpec:
     """What a memory factory may need; fields a kind does not use are ignored."""
 
-    size: int  # K: queue rows (fifo) or negatives drawn per sample (momentum)
+    size: int  # K: queue rows (fifo) or negatives drawn per sample (momentum, contrast)
     dim: int
     seed: int
     world_size: int = 1
-    num_samples: int = 0  # N: rows of a memory indexed by sample (momentum)
+    num_samples: int = 0  # N: rows of a memory indexed by sample (momentum, contrast)
     labels: Any = None  # N training labels, for class-aware negatives (momentum)
     momentum: float = 0.5
 
@@ -199,4 +207,4 @@ def _local_fifo(spec: MemorySpec) -> Memory:
     return FifoQueue(spec.size, spec.dim, spec.seed, per_rank=spec.world_size > 1)
 
 
-from rrd_fast import memory_momentum, memory_sharded  # noqa: E402,F401  (registration)
+from rrd_fast import memory_momentum, memory_sharded  # noqa: E402,F401  (registration, memory_contrast too)

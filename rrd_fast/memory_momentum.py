@@ -1,35 +1,44 @@
-"""CRD-style momentum memory for RRD (`method.options.rrd.memory: momentum`).
+"""Memories of two N×D banks indexed by training sample, scored on K sampled negatives per sample.
 
-Two N×D banks indexed by training-sample index: `bank_s` holds student embeddings and
-`bank_t` teacher embeddings, each row updated as normalize(m·row + (1-m)·z) with m = 0.5
-whenever its sample is in a batch (after the loss, as in the reference). For each sample
-K+1 rows are compared: column 0 is the sample's own row, columns 1..K are negatives drawn
-uniformly, with replacement, from samples of *other* classes (CRD's "exact" sampling). As
-in the reference, the student's embedding is scored against the teacher bank and the
-teacher's embedding against the student bank:
-  L_i = -sum_j softmax(z_t,i · bank_s[c_ij] / tau_t) log softmax(z_s,i · bank_t[c_ij] / tau_s).
-Unlike the reference, the scores are plain scaled cosine similarities as in the FIFO
-variant; the reference feeds CRD's NCE scores exp(x/0.07)/Z into the softmax instead.
+CRD's memory (`memory_contrast.py`) and RRD's momentum variant (`method.options.rrd.memory:
+momentum`, here) share all but the per-sample reduction. `bank_s` holds student embeddings
+and `bank_t` teacher embeddings, each row updated as normalize(m·row + (1-m)·z), m = 0.5,
+whenever its sample is in a batch (after the loss, as in CRD). For each sample K+1 rows are
+compared: column 0 is the sample's own row, columns 1..K are negatives drawn uniformly, with
+replacement, from samples of *other* classes (CRD's "exact" sampling). As in CRD, the
+student's embedding is scored against the teacher bank and the teacher's against the student
+bank: s_ij = z_s,i · bank_t[c_ij] / tau_s and t_ij = z_t,i · bank_s[c_ij] / tau_t.
+`SampleBanks.loss` is draw -> score against the rows' owner -> per-sample reduction -> update;
+a subclass supplies the reduction (and the initial rows):
+- `MomentumMemory` (RRD): L_i = -sum_j softmax(t_i)_j log softmax(s_i)_j, the target
+  detached. Unlike the RRD reference, these are plain scaled cosine similarities as in the
+  FIFO variant; the reference feeds CRD's NCE scores exp(x/0.07)/Z into the softmax instead.
+- `ContrastMemory` (CRD): a sum of independent per-entry NCE terms.
 
 Negatives are a pure function of (seed, step counter, sample index, column), computed
 with a counter-based hash: any rank can compute any sample's negatives, the draw does not
 depend on how the batch is split, and a resumed run draws what an uninterrupted one would.
 
-Sharded by sample index (`ShardedMomentumMemory`): rank r owns rows [a_r, b_r) of both banks,
-N/W rows each. The logits are computed where the rows live; rows are never fetched. Each
-rank draws the negatives of its own b samples and sends every drawn row *index* (4 bytes)
-to the rank that owns the row; every rank has the global batch's z_s and z_t (an all-gather
-of B×D numbers), scores the entries it received against its own rows, and the per-sample
-softmax statistics are all-reduced exactly as for the sharded FIFO queue. Fetching rows
-instead would move b·(K+1)·D floats per bank per rank and step (at b=256, K=16384, D=128:
-2.1 GB per bank) where the index exchange moves b·(K+1) int32 (16.8 MB); the multiply-adds
-split evenly across ranks either way, and the momentum update needs no traffic since each
-owner already holds the gathered embeddings of the samples whose rows it owns.
+Modes (`distributed.memory_sharding`): `local` keeps whole banks fed by this rank's samples
+only (the reference's per-GPU memories); `replicated` keeps whole banks on every rank,
+updated with the gathered global batch; `sharded` splits them by sample index: rank r owns
+rows [a_r, b_r) of both banks, N/W rows each. Sharded, the scores are computed where the
+rows live; rows are never fetched. Each rank draws the negatives of its own b samples and
+sends every drawn row *index* (4 bytes) to the rank that owns the row; every rank has the
+global batch's z_s and z_t (an all-gather of B×D numbers), scores the entries it received
+against its own rows, and the per-sample statistics are all-reduced. Fetching rows instead
+would move b·(K+1)·D floats per bank per rank and step (at b=256, K=16384, D=128: 2.1 GB
+per bank) where the index exchange moves b·(K+1) int32 (16.8 MB); the multiply-adds split
+evenly across ranks either way, and the update needs no traffic since each owner already
+holds the gathered embeddings of the samples whose rows it owns. In every mode the entries
+are one flat list of (sample, row) pairs scored in chunks, so one code path serves one
+process and W ranks, and no B×(K+1)×D tensor of gathered rows is ever built.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -41,7 +50,7 @@ from rrd_fast.distributed import (Group, all_gather_rows, all_gather_with_grad, 
 from rrd_fast.memory import Memory, MemorySpec, RowShard, register_memory, unit_rows
 
 _MASK32 = 0xFFFFFFFF
-_CHUNK = 1 << 16  # sampled entries scored at a time: bounds the E×D temporaries of the sharded loss
+_CHUNK = 1 << 16  # sampled entries scored at a time: bounds the E×D temporaries of the loss
 
 
 def _hash32(x: torch.Tensor | int) -> torch.Tensor | int:
@@ -104,144 +113,146 @@ def momentum_rows(old: torch.Tensor, new: torch.Tensor, momentum: float) -> torc
     return F.normalize(old * momentum + new * (1.0 - momentum), dim=1)
 
 
-def _check_bank_args(num_samples: int, labels: Any, momentum: float) -> None:
-    if len(labels) != num_samples:
-        raise ValueError(f"momentum memory: {len(labels)} labels for {num_samples} samples")
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+def reduce_(x: torch.Tensor, op: str, group: Group) -> torch.Tensor:
+    """All-reduce over a memory's private group; nothing when the memory is this rank's alone (group None)."""
+    return x if group is None else all_reduce_(x, op, group)
 
 
-class MomentumMemory(Memory):
-    """Both banks whole on this process: the single-process memory, `local` and `replicated` modes.
-
-    `gather`: update the banks with the global batch gathered from all ranks (replicated);
-    otherwise only with this rank's samples (local: the reference's per-GPU memories).
-    """
-
-    def __init__(self, num_samples: int, dim: int, negatives: int, labels: Any, seed: int = 0,
-                 momentum: float = 0.5, gather: bool = False, per_rank: bool = False) -> None:
-        super().__init__()
-        if num_samples <= 0 or dim <= 0:
-            raise ValueError(f"momentum memory needs a positive sample count and dim, got {num_samples}×{dim}")
-        _check_bank_args(num_samples, labels, momentum)
-        self.sampler = NegativeSampler(labels, negatives, seed)
-        self.momentum, self.gather, self.per_rank = momentum, gather, per_rank
-        self.num_samples = num_samples
-        self.group = new_group() if gather else None
-        self.register_buffer("bank_s", unit_rows(seed, 0, num_samples, dim, stream=1))
-        self.register_buffer("bank_t", unit_rows(seed, 0, num_samples, dim, stream=2))
-        self.register_buffer("draws", torch.zeros((), dtype=torch.long))
-
-    def soft_cross_entropy(self, z_s: torch.Tensor, z_t: torch.Tensor, tau_s: float, tau_t: float,
-                           index: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=z_s.device.type, enabled=False):
-            contrast = self.sampler.draw(index, int(self.draws))
-            rows_t = self.bank_t[contrast]  # B×(K+1)×D
-            rows_s = self.bank_s[contrast]
-            logits_s = torch.bmm(rows_t, z_s.float().unsqueeze(2)).squeeze(2) / tau_s
-            with torch.no_grad():
-                p_t = F.softmax(torch.bmm(rows_s, z_t.float().unsqueeze(2)).squeeze(2) / tau_t, dim=1)
-            return -(p_t * F.log_softmax(logits_s, dim=1)).sum(1)
-
-    @torch.no_grad()
-    def update(self, z_s: torch.Tensor, z_t: torch.Tensor, index: torch.Tensor) -> None:
-        if self.gather:
-            z_s, z_t = all_gather_rows(z_s.float(), self.group), all_gather_rows(z_t.float(), self.group)
-            index = all_gather_rows(index, self.group)
-        index = index.long()
-        # Out of place: the loss above may still hold the old banks for backward.
-        self.bank_s = self.bank_s.index_copy(0, index, momentum_rows(self.bank_s[index], z_s.float(), self.momentum))
-        self.bank_t = self.bank_t.index_copy(0, index, momentum_rows(self.bank_t[index], z_t.float(), self.momentum))
-
-    def loss(self, z_s: torch.Tensor, z_t: torch.Tensor, batch: Batch, tau_s: float, tau_t: float,
-             enqueue: str) -> torch.Tensor:
-        out = self.soft_cross_entropy(z_s, z_t, tau_s, tau_t, batch.index)
-        self.update(z_s.detach(), z_t.detach(), batch.index)
-        self.draws += 1
-        return out
-
-    def row_shards(self) -> dict[str, RowShard]:
-        n = self.num_samples
-        return {name: RowShard(0, n, n, replicated=self.gather, per_rank=self.per_rank) for name in ("bank_s", "bank_t")}
+def _gather(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Every rank's rows in rank order (differentiably if `x` requires grad); `x` itself when group is None."""
+    if group is None:
+        return x
+    return all_gather_with_grad(x, group) if x.requires_grad else all_gather_rows(x, group)
 
 
-class ShardedSampledCrossEntropy(torch.autograd.Function):
-    """Per-sample soft cross-entropy over K+1 sampled rows each, the rows spread over ranks.
+def _dots(z: torch.Tensor, bank: torch.Tensor, sample: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """z[sample_e] · bank[rows_e] for every entry e, _CHUNK entries at a time."""
+    out = z.new_empty(sample.numel())
+    for c in range(0, sample.numel(), _CHUNK):
+        out[c : c + _CHUNK] = (z[sample[c : c + _CHUNK]] * bank[rows[c : c + _CHUNK]].to(z.dtype)).sum(1)
+    return out
 
-    Each rank scores the entries (global sample, local row) routed to it, i.e. those whose
-    row it owns; per-sample max and sums are all-reduced as in
-    `memory_sharded.ShardedSoftCrossEntropy`.
+
+def _scatter(coef: torch.Tensor, sample: torch.Tensor, rows: torch.Tensor, bank: torch.Tensor,
+             batch: int) -> torch.Tensor:
+    """sum over entries e of sample i of coef_e · bank[rows_e]: the gradient of `_dots` w.r.t. z."""
+    out = coef.new_zeros(batch, bank.shape[1])
+    for c in range(0, sample.numel(), _CHUNK):
+        part = slice(c, c + _CHUNK)
+        out.index_add_(0, sample[part], coef[part, None] * bank[rows[part]].to(coef.dtype))
+    return out
+
+
+# (s, t, sample, positive, batch, group) -> (per-sample loss of the batch, dL/ds per entry, dL/dt per entry or None)
+Reduction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, Group],
+                     tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+
+
+class SampledLoss(torch.autograd.Function):
+    """Per-sample losses over sampled (sample, row) entries, the rows possibly spread over ranks.
+
+    Scores each entry against the bank rows held here (s against bank_t, t against bank_s),
+    hands them to the memory's reduction, which all-reduces whatever per-sample statistics it
+    needs over `group`, and returns the losses of samples lo..hi-1. Backward gathers every
+    rank's incoming per-sample gradient and adds, for each entry held here, its part of
+    dL/dz_s (and dL/dz_t when the reduction trains the teacher side); the all-gathers'
+    backward then sums these parts onto the rank that owns each sample.
     """
 
     @staticmethod
     def forward(ctx, zs_all: torch.Tensor, zt_all: torch.Tensor, sample: torch.Tensor,  # type: ignore[override]
-                rows: torch.Tensor, bank_t: torch.Tensor, bank_s: torch.Tensor, tau_s: float, tau_t: float,
-                lo: int, hi: int, group: Group) -> torch.Tensor:
-        b = zs_all.shape[0]
-        s = torch.empty(sample.numel(), device=zs_all.device)
-        t = torch.empty_like(s)
-        for c in range(0, sample.numel(), _CHUNK):
-            i, r = sample[c : c + _CHUNK], rows[c : c + _CHUNK]
-            s[c : c + _CHUNK] = (zs_all[i] * bank_t[r]).sum(1) / tau_s
-            t[c : c + _CHUNK] = (zt_all[i] * bank_s[r]).sum(1) / tau_t
-        big = torch.full((2, b), float("-inf"), device=zs_all.device)
-        big[0].scatter_reduce_(0, sample, s, "amax")
-        big[1].scatter_reduce_(0, sample, t, "amax")
-        all_reduce_(big, "max", group)
-        e_t = (t - big[1][sample]).exp_()
-        e_s = (s - big[0][sample]).exp_()
-        sums = torch.zeros(3, b, device=zs_all.device)
-        sums[0].index_add_(0, sample, e_s)
-        sums[1].index_add_(0, sample, e_t)
-        sums[2].index_add_(0, sample, e_t * s)
-        all_reduce_(sums, "sum", group)
-        loss = big[0] + sums[0].log() - sums[2] / sums[1]
-        kernel = e_s.div_(sums[0][sample]).sub_(e_t.div_(sums[1][sample]))
-        ctx.save_for_backward(kernel, sample, rows, bank_t)
-        ctx.tau_s, ctx.group, ctx.batch = tau_s, group, b
+                rows: torch.Tensor, positive: torch.Tensor, bank_t: torch.Tensor, bank_s: torch.Tensor, tau_s: float,
+                tau_t: float, reduction: Reduction, lo: int, hi: int, group: Group) -> torch.Tensor:
+        s = _dots(zs_all, bank_t, sample, rows).div_(tau_s)
+        t = _dots(zt_all, bank_s, sample, rows).div_(tau_t)
+        loss, kernel_s, kernel_t = reduction(s, t, sample, positive, zs_all.shape[0], group)
+        ctx.save_for_backward(kernel_s, kernel_t, sample, rows, bank_t, bank_s)
+        ctx.tau_s, ctx.tau_t, ctx.group, ctx.batch = tau_s, tau_t, group, zs_all.shape[0]
         return loss[lo:hi].clone()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        kernel, sample, rows, bank_t = ctx.saved_tensors
-        grad_all = all_gather_rows(grad.contiguous(), ctx.group)
-        coef = kernel * grad_all[sample] / ctx.tau_s
-        grad_zs = torch.zeros(ctx.batch, bank_t.shape[1], device=bank_t.device)
-        for c in range(0, sample.numel(), _CHUNK):
-            grad_zs.index_add_(0, sample[c : c + _CHUNK], coef[c : c + _CHUNK, None] * bank_t[rows[c : c + _CHUNK]])
-        return (grad_zs,) + (None,) * 10
+        kernel_s, kernel_t, sample, rows, bank_t, bank_s = ctx.saved_tensors
+        grad_all = grad if ctx.group is None else all_gather_rows(grad.contiguous(), ctx.group)
+        per_entry = grad_all[sample]
+        grad_zs = grad_zt = None
+        if ctx.needs_input_grad[0]:
+            grad_zs = _scatter(kernel_s * per_entry / ctx.tau_s, sample, rows, bank_t, ctx.batch)
+        if ctx.needs_input_grad[1] and kernel_t is not None:
+            grad_zt = _scatter(kernel_t * per_entry / ctx.tau_t, sample, rows, bank_s, ctx.batch)
+        return (grad_zs, grad_zt) + (None,) * 11
 
 
-class ShardedMomentumMemory(Memory):
-    """This rank's N/W rows of both banks, the loss exact over all ranks (see the module docstring)."""
+MODES = ("local", "replicated", "sharded")
+
+
+def _check_bank_args(num_samples: int, labels: Any, momentum: float, mode: str) -> None:
+    if num_samples <= 0:
+        raise ValueError(f"a memory indexed by sample needs a positive sample count, got {num_samples}")
+    if len(labels) != num_samples:
+        raise ValueError(f"memory indexed by sample: {len(labels)} labels for {num_samples} samples")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    if mode not in MODES:
+        raise ValueError(f"unknown memory sharding {mode!r} (known: {', '.join(MODES)})")
+
+
+class SampleBanks(Memory):
+    """Both banks (this rank's rows of them), the draws and the update; the reduction is the subclass's.
+
+    `mode` is the sharding mode (see the module docstring); `per_rank` marks local banks that
+    are one of several unsynchronised per-process copies (for resume).
+    """
 
     def __init__(self, num_samples: int, dim: int, negatives: int, labels: Any, seed: int = 0,
-                 momentum: float = 0.5) -> None:
+                 momentum: float = 0.5, mode: str = "local", per_rank: bool = False) -> None:
         super().__init__()
-        self.group = new_group()
-        rank, size = world()
-        if num_samples < size:
-            raise ValueError(f"momentum memory of {num_samples} rows cannot be split over {size} processes")
-        _check_bank_args(num_samples, labels, momentum)
+        if dim <= 0:
+            raise ValueError(f"memory dim must be positive, got {dim}")
+        _check_bank_args(num_samples, labels, momentum, mode)
         self.sampler = NegativeSampler(labels, negatives, seed)
-        self.momentum, self.rank, self.num_samples = momentum, rank, num_samples
-        self.start, self.stop = row_range(num_samples, size, rank)
+        self.momentum, self.mode, self.per_rank, self.num_samples = momentum, mode, per_rank, num_samples
+        self.group = new_group() if mode != "local" else None  # collective: every rank builds the same memories
+        self.loss_group = self.group if mode == "sharded" else None  # only sharded losses need other ranks
+        self.rank, size = world() if self.loss_group is not None else (0, 1)
+        if num_samples < size:
+            raise ValueError(f"a memory of {num_samples} rows cannot be split over {size} processes")
+        self.start, self.stop = row_range(num_samples, size, self.rank)
         self.starts = torch.tensor([row_range(num_samples, size, r)[0] for r in range(size)])
-        self.register_buffer("bank_s", unit_rows(seed, self.start, self.stop, dim, stream=1))
-        self.register_buffer("bank_t", unit_rows(seed, self.start, self.stop, dim, stream=2))
+        self.register_buffer("bank_s", self.initial_rows(seed, self.start, self.stop, dim, stream=1))
+        self.register_buffer("bank_t", self.initial_rows(seed, self.start, self.stop, dim, stream=2))
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))
+
+    @staticmethod
+    def initial_rows(seed: int, start: int, stop: int, dim: int, stream: int) -> torch.Tensor:
+        return unit_rows(seed, start, stop, dim, stream)
+
+    def reduce(self, s: torch.Tensor, t: torch.Tensor, sample: torch.Tensor, positive: torch.Tensor, batch: int,
+               group: Group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Per-sample losses of the `batch` samples from their entries here (see `Reduction`)."""
+        raise NotImplementedError
 
     def loss(self, z_s: torch.Tensor, z_t: torch.Tensor, batch: Batch, tau_s: float, tau_t: float,
              enqueue: str) -> torch.Tensor:
+        """Draw -> score against the rows' owner -> per-sample reduction -> update (`enqueue`: always after)."""
         with torch.autocast(device_type=z_s.device.type, enabled=False):
-            zs_all = all_gather_with_grad(z_s.float(), self.group)
-            zt_all = all_gather_rows(z_t.float(), self.group)
-            index = all_gather_rows(batch.index.long(), self.group)
-            sample, rows = self._route(self.sampler.draw(batch.index.long(), int(self.draws)))
-            lo = self.rank * z_s.shape[0]
-            out = ShardedSampledCrossEntropy.apply(zs_all, zt_all, sample, rows, self.bank_t, self.bank_s,
-                                                   tau_s, tau_t, lo, lo + z_s.shape[0], self.group)
-            self._update(zs_all.detach(), zt_all, index)
+            dtype = torch.promote_types(torch.promote_types(z_s.dtype, self.bank_t.dtype), torch.float32)
+            z_s, z_t, index = z_s.to(dtype), z_t.to(dtype), batch.index.to(z_s.device).long()
+            contrast = self.sampler.draw(index, int(self.draws))
+            group = self.loss_group
+            zs_all, zt_all, index_all = _gather(z_s, group), _gather(z_t, group), _gather(index, group)
+            if group is None:
+                sample = torch.arange(len(index), device=index.device).repeat_interleave(contrast.shape[1])
+                rows = contrast.reshape(-1)
+            else:
+                sample, rows = self._route(contrast)
+            positive = rows + self.start == index_all[sample]
+            lo = self.rank * len(index)
+            out = SampledLoss.apply(zs_all, zt_all, sample, rows, positive, self.bank_t, self.bank_s, tau_s, tau_t,
+                                    self.reduce, lo, lo + len(index), group)
+            if self.mode == "replicated":
+                zs_all, zt_all, index_all = (_gather(x.detach(), self.group) for x in (z_s, z_t, index))
+            self._update(zs_all.detach(), zt_all.detach(), index_all)
         self.draws += 1
         return out
 
@@ -264,35 +275,58 @@ class ShardedMomentumMemory(Memory):
         return sample, rows.long() - self.start
 
     @torch.no_grad()
-    def _update(self, zs_all: torch.Tensor, zt_all: torch.Tensor, index: torch.Tensor) -> None:
+    def _update(self, z_s: torch.Tensor, z_t: torch.Tensor, index: torch.Tensor) -> None:
+        """Momentum update of the rows this rank owns among `index` (out of place: backward may hold the old banks)."""
         owned = (index >= self.start) & (index < self.stop)
         rows = index[owned] - self.start
-        self.bank_s = self.bank_s.index_copy(0, rows, momentum_rows(self.bank_s[rows], zs_all[owned], self.momentum))
-        self.bank_t = self.bank_t.index_copy(0, rows, momentum_rows(self.bank_t[rows], zt_all[owned], self.momentum))
+        for name, z in (("bank_s", z_s), ("bank_t", z_t)):
+            bank = getattr(self, name)
+            new = momentum_rows(bank[rows], z[owned].to(bank.dtype), self.momentum)
+            setattr(self, name, bank.index_copy(0, rows, new))
 
     def row_shards(self) -> dict[str, RowShard]:
-        return {name: RowShard(self.start, self.stop, self.num_samples) for name in ("bank_s", "bank_t")}
+        shard = RowShard(self.start, self.stop, self.num_samples, replicated=self.mode == "replicated",
+                         per_rank=self.per_rank)
+        return {"bank_s": shard, "bank_t": shard}
 
 
-def _check_samples(spec: MemorySpec) -> None:
+class MomentumMemory(SampleBanks):
+    """RRD's reduction: per-sample soft cross-entropy over the K+1 entries, the target detached.
+
+    Per-sample max and sums are all-reduced as in `memory_sharded.ShardedSoftCrossEntropy`.
+    """
+
+    def reduce(self, s: torch.Tensor, t: torch.Tensor, sample: torch.Tensor, positive: torch.Tensor, batch: int,
+               group: Group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        big = s.new_full((2, batch), float("-inf"))
+        big[0].scatter_reduce_(0, sample, s, "amax")
+        big[1].scatter_reduce_(0, sample, t, "amax")
+        reduce_(big, "max", group)
+        e_t = (t - big[1][sample]).exp_()
+        e_s = (s - big[0][sample]).exp_()
+        sums = s.new_zeros(3, batch)
+        sums[0].index_add_(0, sample, e_s)
+        sums[1].index_add_(0, sample, e_t)
+        sums[2].index_add_(0, sample, e_t * s)
+        reduce_(sums, "sum", group)
+        loss = big[0] + sums[0].log() - sums[2] / sums[1]
+        kernel = e_s.div_(sums[0][sample]).sub_(e_t.div_(sums[1][sample]))  # softmax_s - p_t
+        return loss, kernel, None
+
+
+def _build(cls: type[SampleBanks], kind: str, mode: str, spec: MemorySpec) -> Memory:
     if spec.labels is None:
-        raise ValueError("memory 'momentum' needs the training labels, which this run did not provide")
+        raise ValueError(f"memory {kind!r} needs the training labels, which this run did not provide")
+    return cls(spec.num_samples, spec.dim, spec.size, spec.labels, spec.seed, spec.momentum, mode=mode,
+               per_rank=mode == "local" and spec.world_size > 1)
 
 
-@register_memory("momentum", "local")
-def _local_momentum(spec: MemorySpec) -> Memory:
-    _check_samples(spec)
-    return MomentumMemory(spec.num_samples, spec.dim, spec.size, spec.labels, spec.seed, spec.momentum,
-                          gather=False, per_rank=spec.world_size > 1)
+def register_banks(kind: str, cls: type[SampleBanks]) -> None:
+    """Register memory `kind`, built as `cls`, under every sharding mode."""
+    for mode in MODES:
+        register_memory(kind, mode)(functools.partial(_build, cls, kind, mode))
 
 
-@register_memory("momentum", "replicated")
-def _replicated_momentum(spec: MemorySpec) -> Memory:
-    _check_samples(spec)
-    return MomentumMemory(spec.num_samples, spec.dim, spec.size, spec.labels, spec.seed, spec.momentum, gather=True)
+register_banks("momentum", MomentumMemory)
 
-
-@register_memory("momentum", "sharded")
-def _sharded_momentum(spec: MemorySpec) -> Memory:
-    _check_samples(spec)
-    return ShardedMomentumMemory(spec.num_samples, spec.dim, spec.size, spec.labels, spec.seed, spec.momentum)
+from rrd_fast import memory_contrast  # noqa: E402,F401  (registration: CRD's memory is built on SampleBanks)

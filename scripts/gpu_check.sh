@@ -51,8 +51,8 @@ pipelines_on_gpu() {
         return 1
     fi
     "$PY" -m pytest -q -m gpu tests/test_dali_arrays.py tests/test_dali_files.py tests/test_dali_train.py
-    "$PY" -m pipelines.bench --device cuda --sections arrays,jpeg224 --repeats 3 --warmup 3 --batch 256 --array-batch 1024 \
-        --batches 40 --workers 8 --jpeg224-images 4096 --dali-lanes 1,2,4 --dali-sequence --write-auto-table
+    "$PY" -m rrd_fast.bench pipelines --device cuda --sections arrays,jpeg224 --repeats 3 --warmup 3 --batch 256 --array-batch 1024 \
+        --batches 40 --workers 8 --jpeg224-images 4096 --dali-lanes 1,2,4 --dali-sequence --write-auto-table --targets
     if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then cp pipelines/auto_backend.json "$OUT/auto_backend.json"; fi
 }
 section pipelines pipelines_on_gpu

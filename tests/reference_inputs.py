@@ -113,3 +113,8 @@ def write_fixture(name: str, payload: dict[str, Any]) -> Path:
 
 REPDISTILLER = {"repo": "HobbitLong/RepDistiller", "commit": "b84f547c5db6a35318d4671d7d5c4de74c822403"}
 MDISTILLER = {"repo": "megvii-research/mdistiller", "commit": "a08d46f10d6102bd6e3f258ca5ac880b020ea259"}
+
+
+def model_input(batch: int = 2, channels: int = 3, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """A fixed float64 image batch for whole-model feature fixtures (N(0, 1), like normalised pixels)."""
+    return torch.randn((batch, channels, size, size), generator=_generator("model_input", seed), dtype=torch.float64)

@@ -14,7 +14,7 @@ from pipelines.dali_arrays import DaliArrayPipeline
 from pipelines.formats import ArraySplit, get_format, head, read_split
 from pipelines.formats.fashion_mnist import DEBIAN_FASHION_MNIST
 from pipelines.sampler import EpochSampler
-from pipelines.torch_pipeline import ArrayPipeline
+from pipelines.torch_arrays import ArrayPipeline
 
 TOL = 1e-5  # fp32: only the normalisation's float rounding may differ
 

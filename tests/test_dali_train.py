@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from pipelines.backends import AUTO_TABLE, FALLBACK_BACKEND, load_auto_table, resolve_backend
-from pipelines.bench import main as bench_main
 from pipelines.errors import DataError
 from pipelines.formats import get_format
 from pipelines.synthetic import write_cifar100
+from rrd_fast.bench.__main__ import main as bench_main
 from rrd_fast.config import load_config
 from rrd_fast.data import IMAGE_DTYPES
 from rrd_fast.trainer import Trainer
@@ -132,10 +132,10 @@ def test_shipped_table_has_cpu_measurements() -> None:
 
 
 def test_bench_runs_and_writes_the_auto_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """A miniature run of `python -m pipelines.bench` (figures printed, not asserted)."""
+    """A miniature run of `python -m rrd_fast.bench pipelines` (figures printed, not asserted)."""
     table = tmp_path / "auto.json"
     _table(table, {"files/cuda": {"backend": "dali", "img_s": {"dali": 1, "torch": 0}}})
-    rc = bench_main(["--repeats", "1", "--batches", "1", "--batch", "32", "--array-images", "192",
+    rc = bench_main(["pipelines", "--repeats", "1", "--batches", "1", "--batch", "32", "--array-images", "192",
                      "--jpeg-images", "100", "--workers", "1", "--data-dir", str(tmp_path / "data"),
                      "--dali-lanes", "5", "--dali-sequence", "--half", "bf16", "--json", str(tmp_path / "medians.json"),
                      "--write-auto-table", str(table)])
@@ -144,6 +144,7 @@ def test_bench_runs_and_writes_the_auto_table(tmp_path: Path, capsys: pytest.Cap
     for label in ("torch ArrayPipeline", "per-sample DataLoader", "per-sample Pillow DataLoader", "ratio dali / torch",
                   "), default", "DALI (5 lanes x "):
         assert label in out
+    assert "target arrays/dali" not in out  # developers' notes: only with --targets
     entries = json.loads(table.read_text())["entries"]
     assert set(entries) == {"array/cpu", "files/cpu", "files/cuda"}  # other device types kept
     for key in ("array/cpu", "files/cpu"):
@@ -160,8 +161,19 @@ def test_bench_runs_and_writes_the_auto_table(tmp_path: Path, capsys: pytest.Cap
     # The table compares the backends as fp32 runs use them; half-precision contenders are for reading only.
     assert entries["array/cpu"]["img_s"]["dali"] == round(max(arrays["dali"], arrays["dali_5"]))
     with pytest.raises(SystemExit):
-        bench_main(["--half", "fp8"])
+        bench_main(["pipelines", "--half", "fp8"])
     assert "unknown half precision 'fp8'" in capsys.readouterr().err
+
+
+def test_bench_prints_targets_only_when_asked(capsys: pytest.CaptureFixture) -> None:
+    from rrd_fast.bench.pipelines import Contender, Timing, report
+
+    contenders = [Contender("arrays", "dali", "DALI", lambda epoch: iter(()))]
+    results = {"arrays": {"dali": [Timing(1000.0, 1.0), Timing(3000.0, 1.0), Timing(2000.0, 1.0)]}}
+    medians, _ = report(results, contenders, torch.device("cpu"))
+    assert medians == {"arrays": {"dali": 2000.0}} and "target" not in capsys.readouterr().out
+    report(results, contenders, torch.device("cpu"), show_targets=True)
+    assert "target arrays/dali on cpu: 2,000 img/s vs 80,000: MISSED" in capsys.readouterr().out
 
 
 @pytest.mark.gpu

@@ -365,11 +365,12 @@ def test_resume_refuses_memory_of_another_size(tmp_path: Path) -> None:
 
 
 def test_paper_figures_follow_from_the_formulas(capsys: pytest.CaptureFixture[str]) -> None:
-    from rrd_fast.bench_memory import comm_bytes_per_step, main, state_bytes_per_rank
+    from rrd_fast.bench.__main__ import main
+    from rrd_fast.bench.memory import comm_bytes_per_step, state_bytes_per_rank
 
     assert state_bytes_per_rank("replicated", "momentum", 1_281_167, 8) == 2 * 1_281_167 * 128 * 4  # CRD's 1.3 GB
     assert state_bytes_per_rank("sharded", "momentum", 1_281_167, 64) == 2 * 1_281_167 * 128 * 4 / 64
     assert comm_bytes_per_step("sharded", "fifo", 512, 1) == 0 and comm_bytes_per_step("local", "fifo", 512, 8) == 0
-    assert main(["--paper"]) == 0
+    assert main(["memory", "--paper"]) == 0
     out = capsys.readouterr().out
     assert "| momentum banks 2xNxD | 8 | 156.4 MiB | 1.22 GiB |" in out and "K_max" in out

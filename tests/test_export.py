@@ -21,11 +21,10 @@ import torch
 from export import ExportError, export_checkpoint, get_backend, list_backends, load_artifact
 from export.bench import main as bench_main
 from export.cli import run_cli
-from export.data import ImageSet, data_source
+from export.data import DataSource, ImageSet, data_source
 from export.report import COLUMNS, cell, pareto_front, render_png, write_reports
 from export.timing import measure
-from pipelines.errors import DataError
-from pipelines.formats import read_split
+from pipelines.formats import get_format, read_split
 from pipelines.synthetic import write_fashion_mnist, write_tiny_imagenet
 from rrd_fast.checkpoint import read_model_checkpoint, write_model_checkpoint
 from rrd_fast.models import create_model
@@ -327,17 +326,52 @@ def test_wrong_input_size_is_refused(bench: Path, backend: str) -> None:
             artifact(torch.zeros(shape))
 
 
-def test_file_datasets_evaluate_or_say_not_yet_supported(tmp_path: Path) -> None:
-    root = write_tiny_imagenet(tmp_path, n_classes=2, per_class_train=2, per_class_val=2)
-    meta = {"arch": "resnet8", "num_classes": 200, "in_channels": 3, "image_size": 64,
-            "dataset": {"format": "tiny_imagenet", "root": str(root)}}
-    try:
-        images = ImageSet(data_source(meta), meta)
-        batch = next(images.batches(4))
-    except DataError as exc:
-        assert "not yet supported" in str(exc)
-    else:
-        assert batch.shape[1:] == (3, 64, 64)
+def test_bench_evaluates_a_file_layout_dataset(tmp_path: Path) -> None:
+    """Tiny-ImageNet's JPEG folders: export's images equal a plain Pillow decode, and the bench's top-1 is recomputed."""
+    from PIL import Image
+
+    fmt = get_format("tiny_imagenet")
+    root = write_tiny_imagenet(tmp_path / "tiny", n_classes=2, per_class_train=2, per_class_val=3)
+    torch.manual_seed(0)
+    model = create_model("resnet8", num_classes=fmt.num_classes, in_channels=3).eval()
+    write_model_checkpoint(tmp_path / "student", model, {
+        "arch": "resnet8", "num_classes": fmt.num_classes, "in_channels": 3, "image_size": 64,
+        "normalization": {"mean": list(fmt.mean), "std": list(fmt.std)},
+        "dataset": {"format": "tiny_imagenet", "root": str(root)},
+        "method": {"name": "vanilla", "gamma": 1.0, "alpha": 0.0, "beta": 0.0, "options": {}},
+        "teacher": None, "top1_final": None, "top1_best": None,
+    })
+    split = read_split("tiny_imagenet", root, fmt.eval_split)
+    pixels = np.stack([np.asarray(Image.open(path).convert("RGB")) for path in split.paths])  # 64×64: the eval view
+    mean, std = torch.tensor(fmt.mean).view(1, 3, 1, 1), torch.tensor(fmt.std).view(1, 3, 1, 1)
+    x = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    meta = json.loads((tmp_path / "student" / "model.json").read_text())
+    images = ImageSet(data_source(meta), meta)
+    assert len(images) == 6
+    torch.testing.assert_close(torch.cat(list(images.batches(4))), x, rtol=0, atol=1e-5)
+
+    out = tmp_path / "bench"
+    assert run_cli(lambda: bench_main([str(tmp_path / "student"), "--backends", "eager", "--batch-sizes", "2",
+                                       "--warmup", "0", "--iters", "1", "--eval-batch-size", "4", "--out", str(out)])) == 0
+    with torch.no_grad():
+        expected = 100.0 * float((model(x).argmax(1).numpy() == split.labels).mean())
+    (row,) = json.loads((out / "bench.json").read_text())["results"]
+    assert row["n_eval"] == 6 and row["top1"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_data_config_is_read_as_a_training_config(tmp_path: Path) -> None:
+    """`--data CFG` takes a training config as the trainer reads it: defaults filled, typos refused by name."""
+    from rrd_fast.config import ConfigError
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("student: {arch: resnet8}\ndata: {format: tiny_imagenet, root: /d/tiny, eval_limit: 5}\n")
+    assert data_source({}, cfg) == DataSource("tiny_imagenet", "/d/tiny", 5)
+    assert data_source({}, cfg, eval_limit=0) == DataSource("tiny_imagenet", "/d/tiny", 0)
+    cfg.write_text("data: {root: /d/c100}\n")
+    assert data_source({}, cfg) == DataSource("cifar100", "/d/c100", 0)
+    cfg.write_text("data: {fromat: cifar10}\n")
+    with pytest.raises(ConfigError, match="unknown config key 'data.fromat'; did you mean 'data.format'"):
+        data_source({}, cfg)
 
 
 # -- command lines ---------------------------------------------------------------------------
@@ -381,6 +415,38 @@ def test_export_cli_bad_input_is_one_line_exit_2(student: Path, tmp_path: Path, 
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and err.startswith("error: ")
     assert not (tmp_path / "x" / "artifact.json").exists()
+
+
+def test_every_user_error_is_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """`run_cli` catches the one root type, so each CLI reports every kind of bad input the same way."""
+    from export.errors import BackendUnavailable
+    from pipelines.errors import DataError, UserError
+    from rrd_fast.cache.builder import CacheTooLarge
+    from rrd_fast.cache.manifest import CacheError
+    from rrd_fast.checkpoint import CheckpointError
+    from rrd_fast.cli import RunError
+    from rrd_fast.config import ConfigError
+    from rrd_fast.methods.base import MethodError
+    from rrd_fast.models import UnknownModelError
+
+    for kind in (DataError, ConfigError, MethodError, CheckpointError, CacheError, CacheTooLarge, RunError,
+                 UnknownModelError, ExportError, BackendUnavailable):
+        assert issubclass(kind, UserError)
+
+        def fail(kind: type[Exception] = kind) -> int:
+            raise kind(f"{kind.__name__}: bad\n  input")
+
+        assert run_cli(fail) == 2
+        assert capsys.readouterr().err == f"error: {kind.__name__}: bad input\n"
+    with pytest.raises(KeyError):
+        run_cli(lambda: {}["bug"])  # not a user error: the traceback stays
+
+
+def test_export_cli_imports_no_training_code() -> None:
+    code = ("import sys, export.cli; print(sorted(m for m in sys.modules if m.startswith("
+            "('rrd_fast.methods', 'rrd_fast.memory', 'rrd_fast.cache', 'rrd_fast.trainer'))))")
+    proc = _run("-c", code)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
 
 def test_cli_missing_checkpoint_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

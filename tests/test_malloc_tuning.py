@@ -99,6 +99,19 @@ def test_train_entry_point_reexecs_once() -> None:
 
 
 @needs_glibc
+def test_bench_reexecs_before_torch_loads() -> None:
+    """`python -m rrd_fast.bench train` restarts once, and torch is first imported by the restarted process."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "rrd_fast.bench", "train", "--help"], env=clean_env(),
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--quick" in proc.stdout
+    names = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    tuning = [i for i, name in enumerate(names) if name == "rrd_fast.malloc_tuning"]
+    assert len(tuning) == 2
+    assert names.index("torch") > tuning[1]
+
+
+@needs_glibc
 def test_each_accelerate_process_reexecs_and_keeps_distributed_env(tmp_path: Path) -> None:
     """Two processes from the real launcher re-exec themselves, then still form one process group."""
     script = tmp_path / "dist_probe.py"

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-import pipelines.torch_pipeline as torch_pipeline
+import pipelines.torch_arrays as torch_pipeline
 from pipelines.augment import CropFlipSpec
 from pipelines.sampler import EpochSampler
-from pipelines.torch_pipeline import ArrayPipeline
+from pipelines.torch_arrays import ArrayPipeline
 
 MEAN3, STD3 = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 MEAN1, STD1 = (0.2860,), (0.3530,)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Protocol, Union
+from typing import Callable, Literal, Union
 
 import numpy as np
 
-from pipelines.errors import DataError, did_you_mean
+from pipelines.errors import DataError
+from pipelines.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -61,25 +62,19 @@ class DatasetFormat:
     read: Callable[[Path, str], Split]
 
 
-_FORMATS: dict[str, DatasetFormat] = {}
+FORMATS: Registry[DatasetFormat] = Registry("dataset format", setting="data.format", error=DataError)
 
 
 def register_format(fmt: DatasetFormat) -> DatasetFormat:
-    if fmt.name in _FORMATS:
-        raise ValueError(f"dataset format {fmt.name!r} registered twice")
-    _FORMATS[fmt.name] = fmt
-    return fmt
+    return FORMATS.register(fmt)
 
 
 def get_format(name: str) -> DatasetFormat:
-    if name not in _FORMATS:
-        hint = did_you_mean(name, _FORMATS)
-        raise DataError(f"data.format: unknown dataset format {name!r}{hint} (known: {', '.join(sorted(_FORMATS))})")
-    return _FORMATS[name]
+    return FORMATS.get(name)
 
 
 def list_formats() -> list[str]:
-    return sorted(_FORMATS)
+    return FORMATS.names()
 
 
 def read_split(format_name: str, root: str | Path, split: str) -> Split:

@@ -2,7 +2,8 @@
 
     python -m rrd_fast.cache build --config CFG [--rebuild-cache] [key=value ...]
     python -m rrd_fast.cache verify CACHE_DIR
-    python -m rrd_fast.cache bench [--quick] [--work DIR]
+
+Its benchmark is `python -m rrd_fast.bench cache`.
 """
 
 from __future__ import annotations
@@ -42,15 +43,10 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from rrd_fast.cache.bench import run_bench
-
-    return run_bench(quick=args.quick, work=args.work, only=args.only)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rrd_fast.cache",
-                                     description="Build, verify and benchmark teacher caches.")
+                                     description="Build and verify teacher caches "
+                                                 "(benchmark: python -m rrd_fast.bench cache).")
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="run the teacher over V views of the training set and store its outputs")
     build.add_argument("--config", type=Path, help="YAML run config (teacher.cache names the folder)")
@@ -61,12 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     verify = sub.add_parser("verify", help="check every shard's size and sha256 against the manifest")
     verify.add_argument("cache_dir", type=Path)
     verify.set_defaults(fn=_verify)
-    bench = sub.add_parser("bench", help="student-only vs online teacher vs cache throughput, build cost, RSS")
-    bench.add_argument("--quick", action="store_true", help="fewest steps (smoke run)")
-    bench.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
-    bench.add_argument("--only", choices=["throughput", "build", "rss", "gather"], action="append",
-                       help="run only these parts (repeatable)")
-    bench.set_defaults(fn=_bench)
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.formats import ArraySplit, get_format, read_split
+from pipelines.formats import ArraySplit, get_format, head, read_split
 from rrd_fast.atomic import write_json_atomic
 from rrd_fast.cli import RunError
 from rrd_fast.config import DataConfig, RunConfig
@@ -47,18 +47,14 @@ def resolved_precision(cfg: RunConfig) -> str:
     return resolve_mixed_precision(cfg.train.mixed_precision, device)
 
 
-def dataset_fingerprint(cfg: DataConfig) -> dict[str, Any]:
-    """sha256 over the training split as the run sees it (after train_limit).
+def split_fingerprint(format_name: str, root: str | Path, split: Any) -> dict[str, Any]:
+    """sha256 over a training split as the run sees it (after train_limit).
 
     Arrays: shape, pixels and labels. File datasets: relative path, size and label of
     every file (contents are not read; a file replaced by another of the same size and
     name is not noticed).
     """
-    fmt = get_format(cfg.format)
-    split = read_split(fmt.name, cfg.root, fmt.train_split)
     n = len(split.labels)
-    if cfg.train_limit > 0:
-        n = min(n, cfg.train_limit)
     digest = hashlib.sha256()
     labels = np.ascontiguousarray(np.asarray(split.labels[:n], dtype=np.int64))
     if isinstance(split, ArraySplit):
@@ -66,14 +62,21 @@ def dataset_fingerprint(cfg: DataConfig) -> dict[str, Any]:
         digest.update(f"array {images.dtype} {images.shape}\n".encode())
         digest.update(memoryview(images).cast("B"))
     else:
-        root = Path(cfg.root)
+        root = Path(root)
         digest.update(f"files {n}\n".encode())
         for path in split.paths[:n]:
             path = Path(path)
             rel = path.relative_to(root) if path.is_relative_to(root) else path
             digest.update(f"{rel.as_posix()}\t{path.stat().st_size}\n".encode())
     digest.update(memoryview(labels).cast("B"))
-    return {"format": fmt.name, "num_samples": n, "sha256": digest.hexdigest()}
+    return {"format": format_name, "num_samples": n, "sha256": digest.hexdigest()}
+
+
+def dataset_fingerprint(cfg: DataConfig) -> dict[str, Any]:
+    """`split_fingerprint` of the config's training split, read from disk (for the build CLI)."""
+    fmt = get_format(cfg.format)
+    split = head(read_split(fmt.name, cfg.root, fmt.train_split), cfg.train_limit)
+    return split_fingerprint(fmt.name, cfg.root, split)
 
 
 def run_key(cfg: RunConfig, teacher_meta: dict[str, Any], dataset: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -3,9 +3,10 @@
 Writing: the whole file is serialised in memory, hashed, and written atomically
 (temporary file, fsync, rename), so a shard either exists complete or not at all.
 Reading: the header is parsed here, the data region memory-mapped, and rows gathered
-with `np.take`: 30-60 µs for 256 random rows of a 50k-row shard on this machine, where
-`safe_open(...).get_slice(name)` (slices only, so one read per row) took 50-80 ms
-(`python -m rrd_fast.cache bench --only gather`). numpy also reads bf16 as raw uint16.
+with `np.take`, one vectorised gather for a whole batch of random rows, where
+`safe_open(...).get_slice(name)` takes slices only, so one read per row, which is far
+slower (`python -m rrd_fast.bench cache --only gather` measures both). numpy also reads
+bf16 as raw uint16.
 """
 
 from __future__ import annotations

@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from pipelines.batch import Batch
-from pipelines.errors import did_you_mean
+from pipelines.errors import UserError, did_you_mean
 from rrd_fast.models import ModelOutput
 
 
-class MethodError(ValueError):
+class MethodError(UserError):
     """A method that cannot be built for this config or student/teacher pair."""
 
 

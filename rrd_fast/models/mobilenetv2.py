@@ -6,7 +6,12 @@ BN, ReLU, pw-linear conv, BN), head ``conv2.{0,1}`` and ``classifier.0``.
 
 Stages are the outputs of block groups 1, 2, 4 and 6 (the reference's ``is_feat``
 points). Those outputs come from a linear bottleneck with no ReLU, so `pre_relu`
-holds the same tensors, as the reference's ``preact`` does.
+holds the same tensors, as the reference's ``preact`` does. The stem feature is the
+output of ``conv1`` (after its ReLU).
+
+``feature_modules`` is the reference's ``get_feat_modules()``: ``conv1`` and ``blocks``
+only. The 1x1 head ``conv2`` (which makes the pooled vector) is left out, as there, so
+AB's and FSP's init stage does not train it.
 """
 
 from __future__ import annotations
@@ -108,7 +113,7 @@ class MobileNetV2(nn.Module):
 
     def forward(self, x: torch.Tensor, features: bool = False) -> torch.Tensor | ModelOutput:
         """Logits by default; with `features=True` a `ModelOutput` from the same single pass."""
-        x = self.conv1(x)
+        x = stem = self.conv1(x)
         stages: list[torch.Tensor] = []
         for g, group in enumerate(self.blocks):
             x = group(x)
@@ -119,7 +124,11 @@ class MobileNetV2(nn.Module):
         logits = self.classifier(pooled)
         if not features:
             return logits
-        return ModelOutput(logits=logits, pooled=pooled, stages=stages, pre_relu=list(stages))
+        return ModelOutput(logits=logits, pooled=pooled, stages=stages, pre_relu=list(stages), stem=stem)
+
+    def feature_modules(self) -> list[nn.Module]:
+        """RepDistiller's get_feat_modules(): `conv1` and `blocks`; not `conv2` nor the classifier."""
+        return [self.conv1, self.blocks]
 
 
 @register_model("MobileNetV2")

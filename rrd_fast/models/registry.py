@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pipelines.errors import did_you_mean
+from pipelines.errors import UserError, did_you_mean
 
 
 @dataclass
@@ -19,7 +19,9 @@ class ModelOutput:
     The fields are RepDistiller's `model(x, is_feat=True, preact=...)` list, by name:
     `stem` is feat[0], `stages` are feat[1:-1] (each stage's post-activation output),
     `pre_relu` the same outputs before their final ReLU (preact=True, used by AB), and
-    `pooled` is feat[-1], the penultimate vector.
+    `pooled` is feat[-1], the penultimate vector. Every family also has
+    `feature_modules()`, the reference's `get_feat_modules()` (what AB's and FSP's init
+    stage trains).
     """
 
     logits: torch.Tensor
@@ -39,7 +41,7 @@ ModelFactory = Callable[..., nn.Module]
 _MODELS: dict[str, ModelFactory] = {}
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(UserError):
     pass
 
 
@@ -64,3 +66,22 @@ def create_model(name: str, num_classes: int = 100, in_channels: int = 3) -> nn.
         hint = did_you_mean(name, _MODELS)
         raise UnknownModelError(f"unknown model {name!r}{hint} (known: {', '.join(list_models())})")
     return _MODELS[name](num_classes=num_classes, in_channels=in_channels)
+
+
+def feat_shapes(model: nn.Module, in_channels: int, image_size: int) -> tuple[tuple[int, ...], ...]:
+    """Per-sample shapes of `model`'s feature list (ModelOutput.feats()) at this input size.
+
+    One dummy forward in eval mode, as the reference measures shapes before building its heads;
+    the model's training mode is restored afterwards.
+    """
+    was_training = model.training
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, in_channels, image_size, image_size, device=device, dtype=dtype), features=True)
+    finally:
+        model.train(was_training)
+    return tuple(tuple(int(d) for d in t.shape[1:]) for t in out.feats())

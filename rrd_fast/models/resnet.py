@@ -4,6 +4,10 @@ Module and parameter names follow RepDistiller's ``models/resnet.py`` so that
 its ``ckpt_epoch_240.pth`` files load with ``strict=True``: ``conv1``/``bn1``
 stem, ``layer{1,2,3}.{i}.{conv1,bn1,conv2,bn2}``, projection shortcuts under
 ``layer{k}.0.downsample.{0,1}`` and the classifier ``fc``.
+
+Features are the reference's ``is_feat`` list: the stem after its ReLU, each stage's
+output (before its last ReLU with ``preact``), the pooled vector. ``feature_modules``
+is its ``get_feat_modules()``: stem conv, BN, ReLU and the three stages.
 """
 
 from __future__ import annotations
@@ -25,12 +29,27 @@ def kaiming_init_(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class BasicBlock(nn.Module):
-    """Post-activation 3x3/3x3 residual block.
+class PreactBlock(nn.Module):
+    """A block whose output is `relu(preact(x))`; `forward_pre` also returns `preact(x)`.
 
-    `preact` exposes the sum before the final ReLU so the model can report it
-    without a second pass; `forward` is `relu(preact(x))`.
+    The reference's last block of each stage returns (out, preact); this gives the same
+    pair without a second pass.
     """
+
+    def preact(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.preact(x), inplace=True)
+
+    def forward_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, output before its ReLU); the ReLU is out of place so both survive."""
+        pre = self.preact(x)
+        return F.relu(pre), pre
+
+
+class BasicBlock(PreactBlock):
+    """Post-activation 3x3/3x3 residual block."""
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
         super().__init__()
@@ -51,17 +70,19 @@ class BasicBlock(nn.Module):
         shortcut = x if self.downsample is None else self.downsample(x)
         return out + shortcut
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.preact(x), inplace=True)
 
+def run_stage(stage: nn.Sequential, x: torch.Tensor, keep_pre: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run a stage; return (output, the last block's pre-activation output or None).
 
-def run_stage(stage: nn.Sequential, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run a stage of blocks that expose `preact`; return (output, output before the last ReLU)."""
+    Blocks expose `forward_pre`. Without `keep_pre` the stage runs plainly (in-place
+    ReLUs, no extra tensor kept), which is the logits-only path.
+    """
+    if not keep_pre:
+        return stage(x), None
     *body, last = stage
     for block in body:
         x = block(x)
-    pre = last.preact(x)
-    return F.relu(pre), pre
+    return last.forward_pre(x)
 
 
 class CifarResNet(nn.Module):
@@ -74,6 +95,7 @@ class CifarResNet(nn.Module):
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)  # a module only because get_feat_modules() lists it
         in_planes = widths[0]
         for idx, (planes, stride) in enumerate(zip(widths[1:], (1, 2, 2)), start=1):
             blocks = [BasicBlock(in_planes, planes, stride)]
@@ -87,15 +109,19 @@ class CifarResNet(nn.Module):
 
     def forward(self, x: torch.Tensor, features: bool = False) -> torch.Tensor | ModelOutput:
         """Logits by default; with `features=True` a `ModelOutput` from the same single pass."""
-        x = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        s1, p1 = run_stage(self.layer1, x)
-        s2, p2 = run_stage(self.layer2, s1)
-        s3, p3 = run_stage(self.layer3, s2)
+        stem = self.relu(self.bn1(self.conv1(x)))
+        s1, p1 = run_stage(self.layer1, stem, features)
+        s2, p2 = run_stage(self.layer2, s1, features)
+        s3, p3 = run_stage(self.layer3, s2, features)
         pooled = torch.flatten(F.adaptive_avg_pool2d(s3, 1), 1)
         logits = self.fc(pooled)
         if not features:
             return logits
-        return ModelOutput(logits=logits, pooled=pooled, stages=[s1, s2, s3], pre_relu=[p1, p2, p3])
+        return ModelOutput(logits=logits, pooled=pooled, stages=[s1, s2, s3], pre_relu=[p1, p2, p3], stem=stem)
+
+    def feature_modules(self) -> list[nn.Module]:
+        """RepDistiller's get_feat_modules(): what AB's and FSP's init stage trains (all but `fc`)."""
+        return [self.conv1, self.bn1, self.relu, self.layer1, self.layer2, self.layer3]
 
 
 _SMALL = [16, 16, 32, 64]

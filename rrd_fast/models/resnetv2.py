@@ -2,6 +2,8 @@
 
 Names follow that file: ``conv1``/``bn1`` stem, ``layer{1..4}.{i}.{conv1..3,bn1..3}``,
 projection shortcuts under ``layer{k}.{i}.shortcut.{0,1}`` and the classifier ``linear``.
+``feature_modules`` is the reference's ``get_feat_modules()``: stem conv, BN and the four
+stages (it lists no ReLU module, unlike the CIFAR ResNet's).
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from rrd_fast.models.registry import ModelOutput, register_model
-from rrd_fast.models.resnet import kaiming_init_, run_stage
+from rrd_fast.models.resnet import PreactBlock, kaiming_init_, run_stage
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(PreactBlock):
     """1x1-3x3-1x1 residual block with 4x expansion; `preact` is the sum before the final ReLU."""
 
     expansion = 4
@@ -41,9 +43,6 @@ class Bottleneck(nn.Module):
         out = self.bn3(self.conv3(out))
         return out + (x if self.shortcut is None else self.shortcut(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.preact(x), inplace=True)
-
 
 class ResNetV2(nn.Module):
     """Four-stage bottleneck ResNet for 32x32 inputs (stride 1 stem, strides 1/2/2/2)."""
@@ -69,16 +68,21 @@ class ResNetV2(nn.Module):
 
     def forward(self, x: torch.Tensor, features: bool = False) -> torch.Tensor | ModelOutput:
         """Logits by default; with `features=True` a `ModelOutput` from the same single pass."""
-        x = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        s1, p1 = run_stage(self.layer1, x)
-        s2, p2 = run_stage(self.layer2, s1)
-        s3, p3 = run_stage(self.layer3, s2)
-        s4, p4 = run_stage(self.layer4, s3)
+        stem = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        s1, p1 = run_stage(self.layer1, stem, features)
+        s2, p2 = run_stage(self.layer2, s1, features)
+        s3, p3 = run_stage(self.layer3, s2, features)
+        s4, p4 = run_stage(self.layer4, s3, features)
         pooled = torch.flatten(F.adaptive_avg_pool2d(s4, 1), 1)
         logits = self.linear(pooled)
         if not features:
             return logits
-        return ModelOutput(logits=logits, pooled=pooled, stages=[s1, s2, s3, s4], pre_relu=[p1, p2, p3, p4])
+        return ModelOutput(logits=logits, pooled=pooled, stages=[s1, s2, s3, s4], pre_relu=[p1, p2, p3, p4],
+                           stem=stem)
+
+    def feature_modules(self) -> list[nn.Module]:
+        """RepDistiller's get_feat_modules(): what AB's and FSP's init stage trains (all but `linear`)."""
+        return [self.conv1, self.bn1, self.layer1, self.layer2, self.layer3, self.layer4]
 
 
 @register_model("ResNet50")

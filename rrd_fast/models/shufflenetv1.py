@@ -9,6 +9,10 @@ block after the 24-channel stem uses an ungrouped 1x1 conv (and so no shuffle), 
 depthwise conv is followed by a ReLU, and each stage's first block halves the
 resolution and concatenates an average-pooled shortcut. Weights use PyTorch's default
 init, as the reference does for this family.
+
+Features are the reference's ``is_feat`` list (stem after its ReLU, stage outputs or
+their pre-ReLU values, pooled vector); ``feature_modules`` is its ``get_feat_modules()``:
+stem conv, BN and the three stages.
 """
 
 from __future__ import annotations
@@ -18,12 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from rrd_fast.models.registry import ModelOutput, register_model
-from rrd_fast.models.resnet import run_stage
+from rrd_fast.models.resnet import PreactBlock, run_stage
 
 _STEM = 24
 
 
-class ShuffleUnit(nn.Module):
+class ShuffleUnit(PreactBlock):
     """Grouped 1x1 - shuffle - depthwise 3x3 - grouped 1x1, then added to the input.
 
     A strided unit instead concatenates an average-pooled copy of the input.
@@ -50,9 +54,6 @@ class ShuffleUnit(nn.Module):
         if self.stride == 2:
             return torch.cat([out, F.avg_pool2d(x, 3, stride=2, padding=1)], 1)
         return out + x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.preact(x), inplace=True)
 
 
 class ShuffleNetV1(nn.Module):
@@ -86,15 +87,19 @@ class ShuffleNetV1(nn.Module):
 
     def forward(self, x: torch.Tensor, features: bool = False) -> torch.Tensor | ModelOutput:
         """Logits by default; with `features=True` a `ModelOutput` from the same single pass."""
-        x = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        s1, p1 = run_stage(self.layer1, x)
-        s2, p2 = run_stage(self.layer2, s1)
-        s3, p3 = run_stage(self.layer3, s2)
+        stem = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        s1, p1 = run_stage(self.layer1, stem, features)
+        s2, p2 = run_stage(self.layer2, s1, features)
+        s3, p3 = run_stage(self.layer3, s2, features)
         pooled = torch.flatten(F.adaptive_avg_pool2d(s3, 1), 1)
         logits = self.linear(pooled)
         if not features:
             return logits
-        return ModelOutput(logits=logits, pooled=pooled, stages=[s1, s2, s3], pre_relu=[p1, p2, p3])
+        return ModelOutput(logits=logits, pooled=pooled, stages=[s1, s2, s3], pre_relu=[p1, p2, p3], stem=stem)
+
+    def feature_modules(self) -> list[nn.Module]:
+        """RepDistiller's get_feat_modules(): what AB's and FSP's init stage trains (all but `linear`)."""
+        return [self.conv1, self.bn1, self.layer1, self.layer2, self.layer3]
 
 
 @register_model("ShuffleV1")

@@ -6,10 +6,15 @@ and ``layer{k}.{1..n}`` are split units with ``conv1..conv3``/``bn1..bn3``; then
 ``conv2``/``bn2`` and the classifier ``linear``. Weights use PyTorch's default init, as the
 reference does for this family.
 
-`pre_relu[i]` is the last unit's output before its ReLU, channel-shuffled like the stage
-output so that `relu(pre_relu[i]) == stages[i]`. (The reference returns it unshuffled,
-a fixed channel permutation of this; the pass-through half is already non-negative,
-so applying the ReLU after the concatenation changes no value.)
+Features are the reference's ``is_feat`` list: the stem after its ReLU, the stage
+outputs, the pooled vector. With ``preact`` the reference returns each stage's last unit
+as ``cat([kept half, branch before its ReLU])`` *without* the channel shuffle that the
+stage output gets; `pre_relu` reproduces that tensor exactly (a reference quirk: it is a
+fixed channel permutation of the pre-activation of `stages[i]`, so
+``channel_shuffle(relu(pre_relu[i]), 2) == stages[i]``).
+
+``feature_modules`` is the reference's ``get_feat_modules()``: stem conv, BN and the
+three stages; the head ``conv2``/``bn2`` is left out, as there.
 """
 
 from __future__ import annotations
@@ -38,14 +43,20 @@ class SplitUnit(nn.Module):
         self.conv3 = nn.Conv2d(c, c, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(c)
 
-    def preact(self, x: torch.Tensor) -> torch.Tensor:
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kept half, branch output before its ReLU)."""
         keep, branch = x[:, : self.half], x[:, self.half :]
         out = F.relu(self.bn1(self.conv1(branch)), inplace=True)
-        out = self.bn3(self.conv3(self.bn2(self.conv2(out))))
-        return F.channel_shuffle(torch.cat([keep, out], 1), 2)
+        return keep, self.bn3(self.conv3(self.bn2(self.conv2(out))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.preact(x), inplace=True)
+        keep, pre = self._split(x)
+        return F.channel_shuffle(torch.cat([keep, F.relu(pre, inplace=True)], 1), 2)
+
+    def forward_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, the reference's preact: the unshuffled concatenation before the ReLU)."""
+        keep, pre = self._split(x)
+        return F.channel_shuffle(torch.cat([keep, F.relu(pre)], 1), 2), torch.cat([keep, pre], 1)
 
 
 class DownUnit(nn.Module):
@@ -99,16 +110,20 @@ class ShuffleNetV2(nn.Module):
 
     def forward(self, x: torch.Tensor, features: bool = False) -> torch.Tensor | ModelOutput:
         """Logits by default; with `features=True` a `ModelOutput` from the same single pass."""
-        x = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        s1, p1 = run_stage(self.layer1, x)
-        s2, p2 = run_stage(self.layer2, s1)
-        s3, p3 = run_stage(self.layer3, s2)
+        stem = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        s1, p1 = run_stage(self.layer1, stem, features)
+        s2, p2 = run_stage(self.layer2, s1, features)
+        s3, p3 = run_stage(self.layer3, s2, features)
         x = F.relu(self.bn2(self.conv2(s3)), inplace=True)
         pooled = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         logits = self.linear(pooled)
         if not features:
             return logits
-        return ModelOutput(logits=logits, pooled=pooled, stages=[s1, s2, s3], pre_relu=[p1, p2, p3])
+        return ModelOutput(logits=logits, pooled=pooled, stages=[s1, s2, s3], pre_relu=[p1, p2, p3], stem=stem)
+
+    def feature_modules(self) -> list[nn.Module]:
+        """RepDistiller's get_feat_modules(): stem conv, BN and stages; not the head nor `linear`."""
+        return [self.conv1, self.bn1, self.layer1, self.layer2, self.layer3]
 
 
 @register_model("ShuffleV2")

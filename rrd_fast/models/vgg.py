@@ -5,9 +5,13 @@ as conv(bias)-BN-ReLU-conv-BN-...-BN (the trailing ReLU removed, so indices are
 ``block{k}.{3j}`` for convs and ``block{k}.{3j+1}`` for BNs) and the classifier
 ``classifier``. There are no hidden FC layers.
 
-Stages are the outputs of block1..block4 (what the reference's ``is_feat`` gives
-between its stem feature and the pooled vector); `pre_relu` are the same before the
-ReLU that follows each block.
+Features are the reference's ``is_feat`` list: the stem is block0 after its ReLU (before
+the first pool), the stages are the outputs of block1..block4 (`pre_relu` the same before
+the ReLU that follows each block), then the pooled vector.
+
+``feature_modules`` is the reference's ``get_feat_modules()``: the five blocks, each
+followed by its pool (``pool0..pool3`` max-pools, ``pool4`` the global average pool).
+The pools are parameter-free modules kept only so that list is the same.
 """
 
 from __future__ import annotations
@@ -51,6 +55,9 @@ class VGG(nn.Module):
         for k, widths in enumerate(cfg):
             self.add_module(f"block{k}", _make_block(widths, prev))
             prev = widths[-1]
+        for k in range(4):
+            self.add_module(f"pool{k}", nn.MaxPool2d(2, 2))
+        self.pool4 = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(prev, num_classes)
         self.pooled_dim: int = prev
         self.stage_channels: list[int] = [widths[-1] for widths in cfg[1:]]
@@ -78,20 +85,26 @@ class VGG(nn.Module):
         (a static shape test, so tracing specialises on it).
         """
         pool_after_block3 = x.shape[2] == 64
-        x = F.max_pool2d(F.relu(self.block0(x), inplace=True), 2)
-        p1 = self.block1(x)
-        s1 = F.relu(p1)
-        p2 = self.block2(F.max_pool2d(s1, 2))
-        s2 = F.relu(p2)
-        p3 = self.block3(F.max_pool2d(s2, 2))
-        s3 = F.relu(p3)
-        p4 = self.block4(F.max_pool2d(s3, 2) if pool_after_block3 else s3)
-        s4 = F.relu(p4)
-        pooled = torch.flatten(F.adaptive_avg_pool2d(s4, 1), 1)
+        inplace = not features  # the pre-ReLU block outputs survive only when they are returned
+        stem = F.relu(self.block0(x), inplace=True)
+        p1 = self.block1(self.pool0(stem))
+        s1 = F.relu(p1, inplace=inplace)
+        p2 = self.block2(self.pool1(s1))
+        s2 = F.relu(p2, inplace=inplace)
+        p3 = self.block3(self.pool2(s2))
+        s3 = F.relu(p3, inplace=inplace)
+        p4 = self.block4(self.pool3(s3) if pool_after_block3 else s3)
+        s4 = F.relu(p4, inplace=inplace)
+        pooled = torch.flatten(self.pool4(s4), 1)
         logits = self.classifier(pooled)
         if not features:
             return logits
-        return ModelOutput(logits=logits, pooled=pooled, stages=[s1, s2, s3, s4], pre_relu=[p1, p2, p3, p4])
+        return ModelOutput(logits=logits, pooled=pooled, stages=[s1, s2, s3, s4], pre_relu=[p1, p2, p3, p4],
+                           stem=stem)
+
+    def feature_modules(self) -> list[nn.Module]:
+        """RepDistiller's get_feat_modules(): blocks and pools in forward order, not the classifier."""
+        return [m for k in range(5) for m in (getattr(self, f"block{k}"), getattr(self, f"pool{k}"))]
 
 
 @register_model("vgg8")

@@ -9,7 +9,11 @@ the raw residual sums leaving each group (a pre-activation net has no ReLU at th
 of a group), and `pre_relu[i]` is the BatchNorm that opens the next group (the final
 ``bn1`` for the last one), i.e. the tensor the next ReLU sees. Unlike the reference,
 that BatchNorm is run once and shared with the next group, so running statistics are
-updated once per step.
+updated once per step. The stem feature is the raw stem conv output (no BN follows it).
+
+``feature_modules`` is the reference's ``get_feat_modules()``: ``conv1`` and the three
+groups. It leaves out the final ``bn1`` (a reference quirk we keep): that BN makes the
+last pre-ReLU feature, yet AB's and FSP's init stage does not train it.
 """
 
 from __future__ import annotations
@@ -95,17 +99,23 @@ class WideResNet(nn.Module):
 
     def forward(self, x: torch.Tensor, features: bool = False) -> torch.Tensor | ModelOutput:
         """Logits by default; with `features=True` a `ModelOutput` from the same single pass."""
-        s1 = self.block1(self.conv1(x))
+        stem = self.conv1(x)
+        s1 = self.block1(stem)
+        inplace = not features  # the pre-ReLU BN outputs survive only when they are returned
         p1 = self.block2.layer[0].bn1(s1)
-        s2 = self.block2.from_activated(s1, F.relu(p1))
+        s2 = self.block2.from_activated(s1, F.relu(p1, inplace=inplace))
         p2 = self.block3.layer[0].bn1(s2)
-        s3 = self.block3.from_activated(s2, F.relu(p2))
+        s3 = self.block3.from_activated(s2, F.relu(p2, inplace=inplace))
         p3 = self.bn1(s3)
-        pooled = torch.flatten(F.adaptive_avg_pool2d(F.relu(p3), 1), 1)
+        pooled = torch.flatten(F.adaptive_avg_pool2d(F.relu(p3, inplace=inplace), 1), 1)
         logits = self.fc(pooled)
         if not features:
             return logits
-        return ModelOutput(logits=logits, pooled=pooled, stages=[s1, s2, s3], pre_relu=[p1, p2, p3])
+        return ModelOutput(logits=logits, pooled=pooled, stages=[s1, s2, s3], pre_relu=[p1, p2, p3], stem=stem)
+
+    def feature_modules(self) -> list[nn.Module]:
+        """RepDistiller's get_feat_modules(): stem conv and the groups, not `bn1` nor `fc`."""
+        return [self.conv1, self.block1, self.block2, self.block3]
 
 
 @register_model("wrn_16_1")

@@ -12,12 +12,13 @@ of (seed, epoch, index), so the table is exact and cheap to rebuild).
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from pipelines.augment import CropFlipSpec
+from pipelines.base import BasePipeline
 from pipelines.batch import Batch
 from pipelines.normalize import Normalizer
 from pipelines.sampler import EpochSampler
@@ -29,8 +30,10 @@ MAX_MIRROR_BYTES = 2 << 30
 PARAM_TABLES_KEPT = 2
 
 
-class ArrayPipeline:
+class ArrayPipeline(BasePipeline):
     """Yields `Batch`es of one in-memory split, augmented (train) or only normalised (eval)."""
+
+    augment_type = CropFlipSpec
 
     def __init__(
         self,
@@ -45,10 +48,7 @@ class ArrayPipeline:
     ) -> None:
         if images.ndim != 4 or images.dtype != np.uint8:
             raise ValueError(f"images must be uint8 N×H×W×C, got {images.dtype} {images.shape}")
-        self.sampler = sampler
-        self.augment = augment
-        self.device = torch.device(device)
-        self.dtype = dtype
+        super().__init__(labels, sampler, augment, device, dtype)
         n, h, w, c = images.shape
         self.size = n
         self.height, self.width, self.channels = h, w, c
@@ -63,7 +63,6 @@ class ArrayPipeline:
         if self.mirrored:
             padded[n:] = padded[:n, :, :, ::-1]
         self._pixels = torch.from_numpy(padded).to(self.device)
-        self._labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
         self._normalize = Normalizer(mean, std, self.device, dtype)
         self._windows = self._window_view(self._pixels)
         self._tables: tuple[tuple[int, np.ndarray], ...] = ()  # (epoch, table), newest first
@@ -75,24 +74,9 @@ class ArrayPipeline:
         extent = (c - 1) * ph * pw + (h - 1) * pw + w
         return pixels.as_strided((pixels.numel() - extent + 1, c, h, w), (1, ph * pw, pw, 1))
 
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def epoch(self, epoch: int, start_step: int = 0, aug_epoch: int | None = None) -> Iterator[Batch]:
-        """Batches of `epoch` from `start_step` on: a pure function of (seed, epoch).
-
-        `aug_epoch` (default: `epoch`) draws the augmentation of another epoch while
-        keeping this epoch's sample order; the teacher cache replays view e mod V this way.
-        """
-        aug = epoch if aug_epoch is None else aug_epoch
-        for index in self.sampler.batches(epoch)[start_step:]:
-            yield self.batch_for(index, aug)
-
-    def aug_params(self, index: np.ndarray, epoch: int) -> np.ndarray:
+    def _params(self, index: np.ndarray, epoch: int) -> np.ndarray:
         """int32 B×3 (dy, dx, flip), read from the epoch's table: identical to `augment.params`."""
-        index = np.asarray(index, dtype=np.int64)
-        if self.augment is None:
-            return CropFlipSpec.identity(len(index))
+        assert self.augment is not None
         if index.size and (index.min() < 0 or index.max() >= self.size):
             raise IndexError(f"sample index out of range 0..{self.size - 1}")
         tables = self._tables
@@ -115,8 +99,7 @@ class ArrayPipeline:
             crops = self._windows.index_select(0, torch.from_numpy(self._window_starts(index, params)).to(self.device))
         else:
             crops = self._gather_crop_flip(self._pixels.index_select(0, idx), aug)
-        images = self._normalize(crops)
-        return Batch(images=images, labels=self._labels[idx], index=idx, aug=aug, epoch=epoch)
+        return self._batch(self._normalize(crops), idx, aug, epoch)
 
     def _window_starts(self, index: np.ndarray, params: np.ndarray) -> np.ndarray:
         """First byte of each sample's crop window.

@@ -1,7 +1,7 @@
 """Benchmark of the RRD memory across processes: memory per rank, loss and step time.
 
-    python -m rrd_fast.bench_memory                        # CPU, 1 and 2 processes, K in {16384, 65536, 262144}
-    python -m rrd_fast.bench_memory --paper                # ImageNet-scale figures from the formulas only
+    python -m rrd_fast.bench memory            # CPU, 1 and 2 processes, K in {16384, 65536, 262144}
+    python -m rrd_fast.bench memory --paper    # ImageNet-scale figures from the formulas only
 
 Measured: the per-rank bytes of the memory's state, the median time of the RRD loss alone
 (forward and backward of the memory's loss on given embeddings) and of a whole training
@@ -17,7 +17,6 @@ import json
 import os
 import socket
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,12 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.batch import Batch
-from rrd_fast.cli import run_cli
+from rrd_fast.bench.common import CHANNELS, IMAGE_SIZE, NUM_CLASSES, write_json
 from rrd_fast.memory import MemorySpec, build_memory
 from rrd_fast.methods import NetInfo, TermContext
 from rrd_fast.methods.rrd import RRD, RRDOptions
 from rrd_fast.models import ModelOutput, create_model
 
+HELP = "RRD memory across processes: bytes per rank, loss and step time, traffic"
 FLOAT = 4  # bytes; memories are float32
 
 
@@ -135,10 +135,10 @@ class _Step(nn.Module):
     def __init__(self, k: int, world_size: int, mode: str, t_dim: int) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.student = create_model("resnet8x4", num_classes=100, in_channels=3)
+        self.student = create_model("resnet8x4", num_classes=NUM_CLASSES, in_channels=CHANNELS)
         context = TermContext(50_000, seed=0, world_size=world_size, memory_sharding=mode)
-        info = NetInfo("resnet8x4", 100, self.student.pooled_dim, tuple(self.student.stage_channels))
-        self.rrd = RRD(RRDOptions(queue_size=k), info, NetInfo("t", 100, t_dim, (1,)), context)
+        info = NetInfo("resnet8x4", NUM_CLASSES, self.student.pooled_dim, tuple(self.student.stage_channels))
+        self.rrd = RRD(RRDOptions(queue_size=k), info, NetInfo("t", NUM_CLASSES, t_dim, (1,)), context)
 
     def forward(self, images: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor, batch: Batch) -> torch.Tensor:
         out = self.student(images, features=True)
@@ -168,8 +168,8 @@ def _measure(rank: int, world_size: int, k: int, mode: str, batch: int, steps: i
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     step_times = []
     for i in range(steps + 2):
-        images = torch.randn(per, 3, 32, 32, generator=g)
-        feats, labels = torch.randn(per, 256, generator=g), torch.randint(0, 100, (per,), generator=g)
+        images = torch.randn(per, CHANNELS, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+        feats, labels = torch.randn(per, 256, generator=g), torch.randint(0, NUM_CLASSES, (per,), generator=g)
         _barrier(world_size)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
@@ -232,8 +232,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rrd_fast.bench_memory", description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default="16384,65536,262144", help="queue sizes K, comma-separated")
     parser.add_argument("--procs", default="1,2", help="process counts, comma-separated")
     parser.add_argument("--modes", default="sharded,replicated", help="sharding modes measured with more than one process")
@@ -242,7 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per process (default: the cores split evenly)")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     parser.add_argument("--paper", action="store_true", help="only print the ImageNet-scale figures from the formulas")
-    args = parser.parse_args(argv)
+
+
+def command(args: argparse.Namespace) -> int:
+    """`python -m rrd_fast.bench memory`: the table (or, with --paper, the formulas at ImageNet scale)."""
     if args.paper:
         print(paper_report())
         return 0
@@ -254,11 +256,5 @@ def main(argv: list[str] | None = None) -> int:
           f"threads per process: {args.threads or 'cores / processes'}")
     print(format_table(rows))
     if args.json:
-        from rrd_fast.atomic import write_json_atomic
-
-        write_json_atomic(args.json, rows)
+        write_json(args.json, rows)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(run_cli(main))

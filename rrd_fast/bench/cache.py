@@ -1,12 +1,12 @@
 """Teacher-cache benchmark: what distilling from the cache costs next to its alternatives.
 
-    python -m rrd_fast.cache bench [--quick] [--work DIR] [--only throughput|build|rss|gather ...]
+    python -m rrd_fast.bench cache [--quick] [--work DIR] [--only throughput|build|rss|gather ...]
 
 throughput  For resnet32x4->resnet8x4 and wrn_40_2->wrn_16_2, fp32 and bf16 autocast,
             batch 64 and 256 (channels_last, as the trainer runs), side by side in
             interleaved rounds (the machine may be shared), medians of img/s:
-              student   student alone, CE, batches held in memory (rrd_fast.bench (a)): the limit;
-              online    pipeline batch + online teacher + RRD+KD step (rrd_fast.bench (b));
+              student   student alone, CE, batches held in memory (`train`'s (a)): the limit;
+              online    pipeline batch + online teacher + RRD+KD step (`train`'s (b));
               cached    the same step with the teacher read from the cache through the
                         trainer's own path (ViewPipeline prefetch + CachedTeacher).
 build       Cache build time (the teacher over V=2 views of 256 synthetic CIFAR-100 images,
@@ -21,6 +21,7 @@ Models get random weights: timing does not depend on them.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -35,8 +36,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from rrd_fast.malloc_tuning import reexec_with_malloc_tuning
+from rrd_fast.bench.common import CHANNELS, CIFAR_MEAN, CIFAR_STD, IMAGE_SIZE, NUM_CLASSES, load_average, machine_info, write_json
 
+HELP = "student-only vs online teacher vs cache throughput, build cost, RSS"
 PAIRS = (("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"))
 PRECISIONS = ("fp32", "bf16")
 BATCHES = (64, 256)
@@ -71,9 +73,10 @@ def _prepare(work: Path) -> None:
     for teacher, _ in PAIRS:
         if not (work / f"teacher-{teacher}" / "model.json").exists():
             torch.manual_seed(0)
-            write_model_checkpoint(work / f"teacher-{teacher}", create_model(teacher, 100, 3),
-                                   {"arch": teacher, "num_classes": 100, "in_channels": 3, "image_size": 32,
-                                    "normalization": {"mean": [0.5071, 0.4867, 0.4408], "std": [0.2675, 0.2565, 0.2761]}})
+            write_model_checkpoint(work / f"teacher-{teacher}", create_model(teacher, NUM_CLASSES, CHANNELS),
+                                   {"arch": teacher, "num_classes": NUM_CLASSES, "in_channels": CHANNELS,
+                                    "image_size": IMAGE_SIZE,
+                                    "normalization": {"mean": list(CIFAR_MEAN), "std": list(CIFAR_STD)}})
 
 
 def run_builds(work: Path) -> list[dict[str, Any]]:
@@ -103,24 +106,24 @@ def _cached_step(cfg: Any, num_train: int) -> tuple[Callable[[int], None], Any]:
 
     import torch
 
-    from rrd_fast.bench import autocast_for
+    from rrd_fast.bench.train import autocast_for
     from rrd_fast.cache.source import open_cached_teacher
     from rrd_fast.config import MethodConfig
     from rrd_fast.data import build_data
-    from rrd_fast.methods import NetInfo, Objective, TermContext
+    from rrd_fast.methods import Objective, TermContext
     from rrd_fast.models import create_model
     from rrd_fast.teacher import load_teacher
     from rrd_fast.trainer import DistillModule, net_info
 
     cl = torch.channels_last
-    teacher, meta = load_teacher(cfg.teacher.checkpoint, "", 100, 3)  # stays on the CPU, never run
+    teacher, meta = load_teacher(cfg.teacher.checkpoint, "", NUM_CLASSES, CHANNELS)  # stays on the CPU, never run
     data = build_data(cfg.data, cfg.seed, 0, 1, torch.device("cpu"))
     cached = open_cached_teacher(cfg, teacher, meta, data.train, "cpu", may_build=False)
     pipe = cached.wrap(data.train)
-    student = create_model(cfg.student.arch, num_classes=100, in_channels=3)
-    t_info = NetInfo(meta["arch"], 100, int(teacher.pooled_dim), tuple(int(c) for c in teacher.stage_channels))
+    student = create_model(cfg.student.arch, num_classes=NUM_CLASSES, in_channels=CHANNELS)
     objective = Objective(MethodConfig(name="rrd", gamma=1.0, alpha=1.0, beta=1.0),
-                          net_info(student, cfg.student.arch, 100), t_info, TermContext(num_train, seed=0))
+                          net_info(student, cfg.student.arch, NUM_CLASSES, CHANNELS, IMAGE_SIZE),
+                          net_info(teacher, meta["arch"], NUM_CLASSES, CHANNELS, IMAGE_SIZE), TermContext(num_train, seed=0))
     module = DistillModule(student.to(memory_format=cl), objective).train()
     optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.05, momentum=0.9, weight_decay=5e-4)
     precision = "bf16" if cfg.train.mixed_precision == "bf16" else "fp32"
@@ -144,7 +147,7 @@ def _cached_step(cfg: Any, num_train: int) -> tuple[Callable[[int], None], Any]:
 def run_throughput(work: Path, rounds: int) -> list[dict[str, Any]]:
     import torch
 
-    from rrd_fast.bench import Variant, distill_step, interleave, student_step
+    from rrd_fast.bench.train import Variant, distill_step, interleave, student_step
     from rrd_fast.config import load_config
     from rrd_fast.data import build_data
 
@@ -260,7 +263,7 @@ def run_rss(work: Path) -> list[dict[str, Any]]:
         shutil.rmtree(cache, ignore_errors=True)
         size = synthesize_cache(cache, 50_000, views, dims)
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-        proc = subprocess.run([sys.executable, "-c", f"from rrd_fast.cache.bench import rss_child; rss_child({str(cache)!r})"],
+        proc = subprocess.run([sys.executable, "-c", f"from rrd_fast.bench.cache import rss_child; rss_child({str(cache)!r})"],
                               capture_output=True, text=True, env=env, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"rss child failed: {proc.stderr.strip()[-500:]}")
@@ -313,7 +316,7 @@ def run_gather() -> dict[str, float]:
 def paper_scale(builds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """CIFAR-100, V=32 views × 50k samples: size on disk and one-H200 build time."""
     rows = []
-    n, views, classes = 50_000, 32, 100
+    n, views, classes = 50_000, 32, NUM_CLASSES
     for teacher, (gflop, pooled) in PAPER_MODELS.items():
         per_sample = {d: (classes + pooled) * b for d, b in (("fp16", 2), ("fp32", 4))}
         flops = views * n * gflop * 1e9
@@ -369,8 +372,13 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _load_1min() -> float | None:
+    load = load_average()
+    return round(load[0], 1) if load else None
+
+
 def run_bench(quick: bool = False, work: Path | None = None, only: list[str] | None = None) -> int:
-    reexec_with_malloc_tuning()  # measure under the allocator settings training uses
+    """Run the chosen parts (all by default) in `work` (default: a temporary folder) and print the report."""
     import torch
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -380,8 +388,9 @@ def run_bench(quick: bool = False, work: Path | None = None, only: list[str] | N
         scratch = tempfile.TemporaryDirectory(prefix="rrd-cache-bench-")
         work = Path(scratch.name)
     work.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"quick": quick, "machine": {"cpus": os.cpu_count(), "load_start": round(os.getloadavg()[0], 1),
-                                                           "capability": torch.backends.cpu.get_cpu_capability()}}
+    machine = machine_info()
+    result: dict[str, Any] = {"quick": quick, "machine": {"cpus": machine["cpu_count"], "load_start": _load_1min(),
+                                                           "capability": machine["cpu_capability"]}}
     try:
         if parts & {"throughput", "build"}:
             _prepare(work)
@@ -393,10 +402,22 @@ def run_bench(quick: bool = False, work: Path | None = None, only: list[str] | N
         if "gather" in parts:
             result["gather"] = run_gather()
         result["paper_scale"] = paper_scale(result.get("build", []))
-        result["machine"]["load_end"] = round(os.getloadavg()[0], 1)
-        (work / "cache_bench.json").write_text(json.dumps(result, indent=2))
+        result["machine"]["load_end"] = _load_1min()
+        write_json(work / "cache_bench.json", result)
         print(format_report(result))
     finally:
         if scratch is not None:
             scratch.cleanup()
     return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="fewest steps (smoke run)")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--only", choices=["throughput", "build", "rss", "gather"], action="append",
+                        help="run only these parts (repeatable)")
+
+
+def command(args: argparse.Namespace) -> int:
+    """`python -m rrd_fast.bench cache`."""
+    return run_bench(quick=args.quick, work=args.work, only=args.only)

@@ -1,11 +1,11 @@
 """Pipeline throughput, every contender measured side by side in one run.
 
-    python -m pipelines.bench                       # CPU: 32×32 arrays and 64×64 JPEG folders
-    python -m pipelines.bench --device cuda         # GPU: adds 224×224 random-resized crops from JPEG
-    python -m pipelines.bench --write-auto-table    # also record the faster backend for data.pipeline=auto
-    python -m pipelines.bench --sections arrays --dali-lanes 1,2,4   # DALI with other lane counts too
-    python -m pipelines.bench --half bf16,fp16      # also the half-precision batches mixed-precision runs get
-    python -m pipelines.bench --dali-sequence       # also DALI with one sequence sample per batch
+    python -m rrd_fast.bench pipelines                      # CPU: 32×32 arrays and 64×64 JPEG folders
+    python -m rrd_fast.bench pipelines --device cuda        # GPU: adds 224×224 random-resized crops from JPEG
+    python -m rrd_fast.bench pipelines --write-auto-table   # also record the faster backend for data.pipeline=auto
+    python -m rrd_fast.bench pipelines --sections arrays --dali-lanes 1,2,4   # DALI with other lane counts too
+    python -m rrd_fast.bench pipelines --half bf16,fp16     # also the half-precision batches mixed-precision runs get
+    python -m rrd_fast.bench pipelines --dali-sequence      # also DALI with one sequence sample per batch
 
 Sections:
 - arrays: 50k uint8 32×32×3 images, batch 256, pad-4 crop + flip + normalise: the torch
@@ -22,17 +22,15 @@ after `--warmup` untimed batches (at least one per DALI lane, each of which buil
 pipeline on its first batch); the figure reported is the median over repeats. The process
 re-executes itself once with the glibc malloc tunables training uses
 (rrd_fast/malloc_tuning.py; RRD_FAST_NO_MALLOC_TUNING=1 measures without them). Timings
-on a shared machine are noisy: say so when quoting them.
+on a shared machine are noisy: say so when quoting them. `--targets` also prints whether
+the development targets are met.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -40,25 +38,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from rrd_fast.malloc_tuning import TUNABLES_VAR, reexec_with_malloc_tuning
+import numpy as np
+import torch
 
-if __name__ == "__main__":
-    reexec_with_malloc_tuning()  # before torch loads: measure under the allocator settings training uses
+from pipelines.augment import CropFlipSpec, ResizedCropSpec
+from pipelines.backends import AUTO_TABLE, auto_key, build_pipeline, load_auto_table
+from pipelines.errors import DataError
+from pipelines.formats import ArraySplit, FileSplit, get_format, read_split
+from pipelines.sampler import EpochSampler
+from pipelines.views import train_box
+from rrd_fast.bench.common import CIFAR100, NUM_CLASSES, machine_name, per_sample_loader, write_json
+from rrd_fast.malloc_tuning import TUNABLES_VAR
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from pipelines.augment import CropFlipSpec, ResizedCropSpec  # noqa: E402
-from pipelines.backends import AUTO_TABLE, auto_key, build_pipeline, load_auto_table  # noqa: E402
-from pipelines.errors import DataError  # noqa: E402
-from pipelines.formats import FileSplit, get_format, read_split  # noqa: E402
-from pipelines.formats.base import ArraySplit  # noqa: E402
-from pipelines.sampler import EpochSampler  # noqa: E402
-from pipelines.views import train_box  # noqa: E402
-
-CIFAR_MEAN = (0.5071, 0.4867, 0.4408)
-CIFAR_STD = (0.2675, 0.2565, 0.2761)
-
+HELP = "pipeline throughput: torch, DALI and a per-sample DataLoader; writes the auto-backend table"
 TARGETS = {  # (section, contender, device type) -> img/s the issue asks for
     ("arrays", "dali", "cpu"): 80_000,
     ("arrays", "dali", "cuda"): 1_000_000,
@@ -118,8 +110,7 @@ class JpegSamples(torch.utils.data.Dataset):
 
 
 def _loader(dataset: torch.utils.data.Dataset, order: np.ndarray, batch: int, workers: int, device: torch.device) -> Iterator:
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=order.tolist(), num_workers=workers,
-                                         drop_last=True, pin_memory=device.type == "cuda", persistent_workers=False)
+    loader = per_sample_loader(dataset, batch, workers, order=order, pin_memory=device.type == "cuda")
     for images in loader:
         yield images.to(device, non_blocking=True)
 
@@ -183,9 +174,9 @@ def array_contenders(args: argparse.Namespace, device: torch.device) -> list[Con
     rng = np.random.default_rng(0)
     n = args.array_images
     images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-    labels = rng.integers(0, 100, n)
-    fmt = get_format("cifar100")
-    split = ArraySplit(images, labels, [str(i) for i in range(100)])
+    labels = rng.integers(0, NUM_CLASSES, n)
+    fmt = CIFAR100
+    split = ArraySplit(images, labels, [str(i) for i in range(NUM_CLASSES)])
     spec = CropFlipSpec(pad=4)
     batch = args.array_batch or args.batch
     sampler = EpochSampler(n, batch, seed=0)
@@ -270,14 +261,6 @@ def imagenet_split(root: Path, images: int, side: int) -> FileSplit:
 # reporting and the auto table
 # ---------------------------------------------------------------------------------------
 
-def machine_name(device: torch.device) -> str:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    name = f"{platform.machine()} {cores} cores"
-    if device.type == "cuda":
-        name += f", {torch.cuda.get_device_name(device)}"
-    return name
-
-
 def write_auto_table(path: Path, results: dict[str, dict[str, float]], sections: dict[str, str], device: torch.device,
                      contenders: list[Contender], note: str = "") -> dict[str, dict]:
     """Merge this machine's choice per dataset kind into the table (other device types kept)."""
@@ -301,16 +284,15 @@ def write_auto_table(path: Path, results: dict[str, dict[str, float]], sections:
         }
         if note:
             written[auto_key(kind, device)]["note"] = note
-    table.setdefault("comment", "Written by `python -m pipelines.bench --write-auto-table`; read by data.pipeline=auto.")
+    table.setdefault("comment", "Written by `python -m rrd_fast.bench pipelines --write-auto-table`; "
+                                "read by data.pipeline=auto.")
     table["entries"].update(written)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_json(path, table)
     return written
 
 
-def report(results: dict[str, dict[str, list[Timing]]], contenders: list[Contender],
-           device: torch.device) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+def report(results: dict[str, dict[str, list[Timing]]], contenders: list[Contender], device: torch.device,
+           show_targets: bool = False) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
     """Print median img/s (and CPU us/img of in-process contenders); return both medians per section."""
     labels = {(c.section, c.name): c.label for c in contenders}
     in_process = {(c.section, c.name) for c in contenders if c.in_process}
@@ -335,7 +317,7 @@ def report(results: dict[str, dict[str, list[Timing]]], contenders: list[Contend
                 print(f"{'':<10} ratio {name} / per-sample DataLoader: {med / base:.2f}x")
         if dali and medians[section].get("torch"):
             print(f"{'':<10} ratio dali / torch: {dali / medians[section]['torch']:.2f}x")
-    for (section, name, dev), target in TARGETS.items():
+    for (section, name, dev), target in TARGETS.items() if show_targets else ():
         if dev == device.type and section in medians and name in medians[section]:
             got = medians[section][name]
             verdict = "met" if got >= target else "MISSED"
@@ -354,8 +336,7 @@ def _half_dtypes(value: str) -> list[tuple[str, torch.dtype]]:
     return [(n, HALF_DTYPES[n]) for n in names]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.bench", description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--sections", default="", help="comma-separated subset of arrays,jpeg,jpeg224 (default: all for the device)")
     parser.add_argument("--repeats", type=int, default=5)
@@ -382,7 +363,11 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"record the faster backend per dataset kind for this device type (default {AUTO_TABLE.name})")
     parser.add_argument("--note", default="", help="remark stored with the auto-table entries (e.g. machine load)")
     parser.add_argument("--json", type=Path, help="also write the medians as JSON here")
-    args = parser.parse_args(argv)
+    parser.add_argument("--targets", action="store_true", help="also print whether the development targets are met")
+
+
+def command(args: argparse.Namespace) -> int:
+    """`python -m rrd_fast.bench pipelines`: time every contender, print the medians, optionally record them."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda: no CUDA device is available")
@@ -399,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    print(f"pipelines.bench on {machine_name(device)}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    print(f"rrd_fast.bench pipelines on {machine_name(device)}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"batch {args.batch} (arrays {args.array_batch or args.batch}), {args.repeats} repeats x up to "
           f"{args.batches} batches after {args.warmup} warm-up, {args.workers} workers/threads, "
           f"malloc tunables {'on' if os.environ.get(TUNABLES_VAR) else 'off'}")
@@ -425,10 +410,9 @@ def main(argv: list[str] | None = None) -> int:
                 timing = time_batches(c.batches, rep, args.batches, max(args.warmup, c.warmup), device)
                 results.setdefault(c.section, {}).setdefault(c.name, []).append(timing)
                 print(f"  repeat {rep + 1}: {c.section:<8} {c.label:<44} {timing.img_s:>12,.0f} img/s", flush=True)
-        medians, cpu_medians = report(results, contenders, device)
+        medians, cpu_medians = report(results, contenders, device, show_targets=args.targets)
     if args.json:
-        args.json.write_text(json.dumps({"device": machine_name(device), "medians": medians,
-                                         "cpu_us_per_img": cpu_medians}, indent=2) + "\n")
+        write_json(args.json, {"device": machine_name(device), "medians": medians, "cpu_us_per_img": cpu_medians})
     if args.write_auto_table:
         kinds = {"arrays": "array", "jpeg": "files", "jpeg224": "files"}
         chosen = {s: kinds[s] for s in sections if not (s == "jpeg" and "jpeg224" in sections)}
@@ -437,10 +421,3 @@ def main(argv: list[str] | None = None) -> int:
             print(f"auto table {args.write_auto_table}: {key} -> {entry['backend']} ({entry['img_s']})")
     return 0
 
-
-if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2)

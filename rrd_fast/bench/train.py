@@ -11,7 +11,7 @@ in channels_last as the trainer runs by default:
       under no_grad, `DistillModule` with the RRD+KD `Objective` (gamma=alpha=beta=1),
       backward and SGD step;
 and for every batch size, on 50k CIFAR-sized images with pad-4 crop + flip + normalise:
-  (c) the torch `ArrayPipeline` alone, with the process's torch threads and with one
+  (c) the torch array pipeline alone, with the process's torch threads and with one
       thread (on a busy shared machine, each parallel region of a small op can wait
       milliseconds for a core under OpenMP's default wait policy; one thread isolates
       the pipeline's own cost);
@@ -24,6 +24,8 @@ figures are medians over rounds. Ratios: b/a, c/d, and the pipeline's share of t
 Levers read at process start are measured in fresh processes, in rotating order: the
 glibc malloc tunables (rrd_fast/malloc_tuning.py) and OMP_WAIT_POLICY=PASSIVE, alone and
 together. The main measurement runs with the malloc tunables, as training does.
+`--quick` measures batch 64 only (RepDistiller's CIFAR batch) with fewer rounds and one
+fresh process per lever, so that it takes minutes, not tens of minutes.
 Models get random weights: timing does not depend on them.
 """
 
@@ -34,7 +36,6 @@ import contextlib
 import itertools
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -44,20 +45,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from rrd_fast.malloc_tuning import OPT_OUT_VAR, TUNABLES, TUNABLES_VAR, reexec_with_malloc_tuning
+import numpy as np
 
-if __name__ == "__main__" and sys.argv[1:2] == ["train"]:
-    reexec_with_malloc_tuning()  # before torch loads: measure under the allocator settings training uses
+from rrd_fast.bench.common import (CHANNELS, CIFAR100, CIFAR_MEAN, CIFAR_STD, IMAGE_SIZE, NUM_CLASSES, load_average,
+                                   machine_info, per_sample_loader, write_json)
+from rrd_fast.cli import RunError
+from rrd_fast.malloc_tuning import OPT_OUT_VAR, TUNABLES, TUNABLES_VAR
 
-import numpy as np  # noqa: E402
-
-from rrd_fast.cli import RunError, run_cli  # noqa: E402
-
+HELP = "student limit, full distillation step, torch pipeline, per-sample baseline"
 PRECISIONS = ("fp32", "bf16")
 DEFAULT_PAIRS = ("resnet32x4:resnet8x4", "resnet56:resnet20")
-CIFAR_MEAN = (0.5071, 0.4867, 0.4408)
-CIFAR_STD = (0.2675, 0.2565, 0.2761)
-NUM_CLASSES = 100
+DEFAULT_BATCH_SIZES = (64, 256)
+QUICK_BATCH_SIZES = (64,)
 TARGET_PIPELINE_IPS = 150_000
 TARGET_PIPELINE_VS_BASELINE = 30.0
 TARGET_PIPELINE_SHARE = 0.03
@@ -77,7 +76,7 @@ class Effort:
 
 
 FULL = Effort(rounds=7, warmup_steps=2, steps=3, pipeline_batches=60, loader_batches=12, lever_repeats=3, lever_rounds=3)
-QUICK = Effort(rounds=3, warmup_steps=1, steps=1, pipeline_batches=20, loader_batches=4, lever_repeats=2, lever_rounds=2)
+QUICK = Effort(rounds=3, warmup_steps=1, steps=1, pipeline_batches=20, loader_batches=4, lever_repeats=1, lever_rounds=1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -118,6 +117,16 @@ def cifar_like(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8), rng.integers(0, NUM_CLASSES, size=n)
 
 
+def array_pipeline(images: np.ndarray, labels: np.ndarray, sampler: Any) -> Any:
+    """The trainer's torch pipeline over in-memory CIFAR-100-shaped arrays (pad-4 crop, flip, normalise)."""
+    from pipelines.augment import CropFlipSpec
+    from pipelines.backends import build_pipeline
+    from pipelines.formats import ArraySplit
+
+    split = ArraySplit(images, labels, [str(c) for c in range(NUM_CLASSES)])
+    return build_pipeline("torch", split, CIFAR100, sampler, CropFlipSpec(pad=4, flip=True))
+
+
 def endless_batches(pipe: Any, sampler: Any) -> Iterator[Any]:
     """`pipe.epoch` for another batch size: the same storage, indices from `sampler`."""
     for epoch in itertools.count():
@@ -132,7 +141,7 @@ def student_step(arch: str, batch: int, precision: str, pipe: Any, sampler: Any)
 
     from rrd_fast.models import create_model
 
-    model = create_model(arch, num_classes=NUM_CLASSES, in_channels=3).to(memory_format=torch.channels_last).train()
+    model = create_model(arch, num_classes=NUM_CLASSES, in_channels=CHANNELS).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     source = endless_batches(pipe, sampler)
     held = [next(source) for _ in range(2)]
@@ -164,12 +173,12 @@ def distill_step(teacher_arch: str, student_arch: str, batch: int, precision: st
     from rrd_fast.trainer import DistillModule, net_info
 
     cl = torch.channels_last
-    teacher = create_model(teacher_arch, num_classes=NUM_CLASSES, in_channels=3).to(memory_format=cl)
+    teacher = create_model(teacher_arch, num_classes=NUM_CLASSES, in_channels=CHANNELS).to(memory_format=cl)
     teacher.eval().requires_grad_(False)
-    student = create_model(student_arch, num_classes=NUM_CLASSES, in_channels=3)
+    student = create_model(student_arch, num_classes=NUM_CLASSES, in_channels=CHANNELS)
     method = MethodConfig(name="rrd", gamma=1.0, alpha=1.0, beta=1.0)
-    objective = Objective(method, net_info(student, student_arch, NUM_CLASSES), net_info(teacher, teacher_arch, NUM_CLASSES),
-                          TermContext(num_train, seed=0))
+    objective = Objective(method, net_info(student, student_arch, NUM_CLASSES, CHANNELS, IMAGE_SIZE),
+                          net_info(teacher, teacher_arch, NUM_CLASSES, CHANNELS, IMAGE_SIZE), TermContext(num_train, seed=0))
     module = DistillModule(student.to(memory_format=cl), objective).train()
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -256,10 +265,7 @@ def loader_batches(images: np.ndarray, labels: np.ndarray, batch: int, workers: 
     real run), so no batch is prefetched for free and no worker competes with the other
     variants while they are timed.
     """
-    import torch
-
-    loader = torch.utils.data.DataLoader(PerSampleCifar(images, labels), batch_size=batch, shuffle=True, drop_last=True,
-                                         num_workers=workers)
+    loader = per_sample_loader(PerSampleCifar(images, labels), batch, workers)
 
     def run(steps: int) -> float:
         it = iter(loader)  # forks the workers; they start on the first batches right away
@@ -298,31 +304,6 @@ def parse_pairs(specs: Sequence[str]) -> list[tuple[str, str]]:
             create_model(name, num_classes=NUM_CLASSES)  # unknown names fail here, with suggestions
         pairs.append((teacher, student))
     return pairs
-
-
-def bf16_native() -> bool:
-    """Whether the CPU has bf16 arithmetic (AVX-512 BF16 or AMX); without it oneDNN emulates bf16, slowly."""
-    import torch
-
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(bool(check()) for check in checks if check is not None)
-
-
-def machine_info() -> dict[str, Any]:
-    import torch
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "bf16_native": bf16_native(),
-        "glibc_tunables": os.environ.get(TUNABLES_VAR, ""),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
-        "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
 
 
 # Process-start settings compared in fresh processes: name -> variables set (all others removed).
@@ -365,13 +346,11 @@ def measure(pairs: list[tuple[str, str]], batch_sizes: list[int], precisions: li
             n_images: int, loader_workers: int, log: Callable[[str], None]) -> dict[str, Any]:
     import torch
 
-    from pipelines.augment import CropFlipSpec
     from pipelines.sampler import EpochSampler
-    from pipelines.torch_pipeline import ArrayPipeline
 
     images, labels = cifar_like(n_images)
     samplers = {b: EpochSampler(n_images, b, seed=0) for b in batch_sizes}
-    pipe = ArrayPipeline(images, labels, samplers[batch_sizes[0]], CIFAR_MEAN, CIFAR_STD, CropFlipSpec(pad=4, flip=True))
+    pipe = array_pipeline(images, labels, samplers[batch_sizes[0]])
 
     torch.manual_seed(0)
     train: list[Variant] = []
@@ -420,7 +399,7 @@ def measure(pairs: list[tuple[str, str]], batch_sizes: list[int], precisions: li
 # report
 # ---------------------------------------------------------------------------------------
 
-def format_report(result: dict[str, Any]) -> str:
+def format_report(result: dict[str, Any], show_targets: bool = False) -> str:
     m = result["machine"]
     lines = [f"torch {m['torch']}, {m['torch_threads']} threads on {m['cpu_count']} CPUs, "
              f"GLIBC_TUNABLES {'set' if m['glibc_tunables'] else 'unset'}, OMP_WAIT_POLICY {m['omp_wait_policy'] or 'unset'}, "
@@ -451,6 +430,8 @@ def format_report(result: dict[str, Any]) -> str:
         lines.append(f"start-up levers, {lv['student']} student step (a), batch {lv['batch_size']}, fp32, fresh processes:")
         for name, ips in lv["img_s"].items():
             lines.append(f"  {name:20s} {ips:10.1f} img/s  {lv['speedup_vs_baseline'][name]:5.2f}x")
+    if not show_targets:
+        return "\n".join(lines)
     t = result["targets"]
     lines.append("")
     lines.append(f"targets: (c) >= {t['pipeline_img_s']:,} img/s: {'met' if t['pipeline_img_s_met'] else 'NOT met'}; "
@@ -472,26 +453,26 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------
-# entry points
+# entry points (`python -m rrd_fast.bench train` and the internal `probe`)
 # ---------------------------------------------------------------------------------------
 
-def cmd_train(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
+    """`python -m rrd_fast.bench train`: measure, print the tables, optionally write JSON."""
     import torch
-
-    from rrd_fast.atomic import write_json_atomic
 
     for prec in args.precisions:
         if prec not in PRECISIONS:
             raise RunError(f"--precisions: {prec!r} is not one of {', '.join(PRECISIONS)}")
-    if any(b <= 0 for b in args.batch_sizes):
-        raise RunError(f"--batch-sizes: batch sizes must be positive, got {args.batch_sizes}")
+    batch_sizes = list(args.batch_sizes or (QUICK_BATCH_SIZES if args.quick else DEFAULT_BATCH_SIZES))
+    if any(b <= 0 for b in batch_sizes):
+        raise RunError(f"--batch-sizes: batch sizes must be positive, got {batch_sizes}")
     if args.threads:
         torch.set_num_threads(args.threads)
     pairs = parse_pairs(args.models)
     effort = QUICK if args.quick else FULL
     n_images = args.images
-    if n_images < max(args.batch_sizes):
-        raise RunError(f"--images: {n_images} images is fewer than one batch of {max(args.batch_sizes)}")
+    if n_images < max(batch_sizes):
+        raise RunError(f"--images: {n_images} images is fewer than one batch of {max(batch_sizes)}")
 
     def log(msg: str) -> None:
         print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -501,28 +482,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         "benchmark": "rrd_fast.bench train",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
-        "config": {"pairs": [f"{t}:{s}" for t, s in pairs], "batch_sizes": args.batch_sizes, "precisions": args.precisions,
+        "config": {"pairs": [f"{t}:{s}" for t, s in pairs], "batch_sizes": batch_sizes, "precisions": args.precisions,
                    "quick": args.quick, "effort": effort.__dict__, "images": n_images, "loader_workers": args.loader_workers,
                    "channels_last": True, "method": "rrd gamma=1 alpha=1 beta=1 (RRD+KD), paper preset, queue 16384"},
     }
-    result.update(measure(pairs, args.batch_sizes, args.precisions, effort, n_images, args.loader_workers, log))
+    result.update(measure(pairs, batch_sizes, args.precisions, effort, n_images, args.loader_workers, log))
     if not args.no_levers:
-        result["levers"] = run_lever_comparison(pairs[0][1], max(args.batch_sizes), effort, args.threads, log)
-    result["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+        result["levers"] = run_lever_comparison(pairs[0][1], max(batch_sizes), effort, args.threads, log)
+    result["machine"]["load_average_end"] = load_average()
     result["wall_s"] = time.time() - started
     result["targets"] = targets(result)
-    print(format_report(result))
+    print(format_report(result, show_targets=args.targets))
     if args.out:
-        write_json_atomic(args.out, result)
+        write_json(args.out, result)
         print(f"wrote {args.out}")
     return 0
 
 
-def cmd_probe(args: argparse.Namespace) -> int:
+def probe_command(args: argparse.Namespace) -> int:
     """One fresh process: median img/s of the student step, under whatever settings it started with."""
-    from pipelines.augment import CropFlipSpec
     from pipelines.sampler import EpochSampler
-    from pipelines.torch_pipeline import ArrayPipeline
 
     if args.threads:
         import torch
@@ -530,7 +509,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     images, labels = cifar_like(max(4 * args.batch_size, 1024))
     sampler = EpochSampler(len(images), args.batch_size, seed=0)
-    pipe = ArrayPipeline(images, labels, sampler, CIFAR_MEAN, CIFAR_STD, CropFlipSpec())
+    pipe = array_pipeline(images, labels, sampler)
     v = Variant({}, args.batch_size, student_step(args.student, args.batch_size, "fp32", pipe, sampler))
     v.run(args.warmup)
     for _ in range(args.rounds):
@@ -540,36 +519,27 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m rrd_fast.bench", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="student limit, full distillation step, torch pipeline, per-sample baseline")
-    train.add_argument("--quick", action="store_true", help="fewer, shorter rounds (minutes, noisier)")
+def add_arguments(train: argparse.ArgumentParser) -> None:
+    train.add_argument("--quick", action="store_true",
+                       help="batch 64 only unless --batch-sizes is given, fewer and shorter rounds (a minute or two, noisier)")
     train.add_argument("--models", nargs="+", default=list(DEFAULT_PAIRS), metavar="TEACHER:STUDENT")
-    train.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 256])
+    train.add_argument("--batch-sizes", nargs="+", type=int, default=None,
+                       help=f"default: {' '.join(map(str, DEFAULT_BATCH_SIZES))} "
+                            f"({' '.join(map(str, QUICK_BATCH_SIZES))} with --quick)")
     train.add_argument("--precisions", nargs="+", default=list(PRECISIONS), help="fp32 and/or bf16 (CPU autocast)")
     train.add_argument("--images", type=int, default=50_000, help="images in the in-memory split (CIFAR: 50000)")
     train.add_argument("--loader-workers", type=int, default=2, help="worker processes of the per-sample baseline (d)")
     train.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     train.add_argument("--no-levers", action="store_true",
                        help="skip the fresh-process comparison of GLIBC_TUNABLES and OMP_WAIT_POLICY")
+    train.add_argument("--targets", action="store_true", help="also print whether the development targets are met")
     train.add_argument("--out", type=Path, help="write all figures and samples as JSON here")
-    probe = sub.add_parser("probe", help="(internal) one process's student-step speed")
+
+
+def add_probe_arguments(probe: argparse.ArgumentParser) -> None:
     probe.add_argument("--student", default="resnet8x4")
     probe.add_argument("--batch-size", type=int, default=256)
     probe.add_argument("--rounds", type=int, default=3)
     probe.add_argument("--steps", type=int, default=2)
     probe.add_argument("--warmup", type=int, default=1)
     probe.add_argument("--threads", type=int, default=0)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "train":
-        return cmd_train(args)
-    return cmd_probe(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
