@@ -27,7 +27,7 @@ from torch import nn
 
 from pipelines.batch import Batch
 from rrd_fast.config import MethodConfig
-from rrd_fast.memory_contrast import ContrastMemory
+from rrd_fast.memory.contrast import ContrastMemory
 from rrd_fast.methods import MethodError, NetInfo, Objective, TermContext, get_method
 from rrd_fast.methods.crd import CRD, CRDOptions
 from rrd_fast.models import ModelOutput

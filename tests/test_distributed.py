@@ -32,9 +32,9 @@ from torch import nn
 
 from pipelines.batch import Batch
 from pipelines.sampler import EpochSampler
-from rrd_fast.distributed import row_range
+from rrd_fast.memory.collectives import row_range
 from rrd_fast.memory import unit_rows
-from rrd_fast.memory_momentum import NegativeSampler
+from rrd_fast.memory.momentum import NegativeSampler
 from rrd_fast.methods import NetInfo, TermContext
 from rrd_fast.methods.rrd import RRD, RRDOptions
 from rrd_fast.models import ModelOutput, create_model

@@ -2,7 +2,7 @@
 
 Both pooled vectors are embedded (Linear, then L2 norm) and contrasted, in both directions,
 against momentum banks of the N training samples with K other-class negatives each, by NCE
-(`rrd_fast/memory_contrast.py`). Both embeddings are trained, as the reference puts both in
+(`rrd_fast/memory/contrast.py`). Both embeddings are trained, as the reference puts both in
 its optimizer. Negatives are drawn with replacement, a pure function of (seed, step, sample);
 the reference's loader draws them without replacement when K is below the other-class count
 (CIFAR-100: 16384 of 49500), which only changes how often a row repeats within a draw.
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.batch import Batch
-from rrd_fast.config import ConfigError
+from pipelines.errors import UserError
 from rrd_fast.memory import MemorySpec, build_memory
 from rrd_fast.methods.base import (LossTerm, MethodError, MethodSpec, NetInfo, TermContext, full_precision,
                                    register_method, register_term)
@@ -45,7 +45,7 @@ class Embed(nn.Module):
 
 @register_term
 class CRD(LossTerm):
-    """Exposes `embed_s`, `embed_t` (both trainable) and `memory` (banks, Z: `memory_contrast.ContrastMemory`)."""
+    """Exposes `embed_s`, `embed_t` (both trainable) and `memory` (banks, Z: `rrd_fast.memory.contrast.ContrastMemory`)."""
 
     name = "crd"
     Options = CRDOptions
@@ -60,7 +60,7 @@ class CRD(LossTerm):
                           num_samples=context.num_train_samples, labels=context.train_labels, momentum=options.nce_m)
         try:
             self.memory = build_memory("contrast", context.memory_sharding, spec)
-        except ConfigError:
+        except UserError:
             raise
         except ValueError as exc:
             raise MethodError(f"method.options.crd: {exc}") from None

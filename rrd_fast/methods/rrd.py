@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.batch import Batch
-from rrd_fast.config import ConfigError
+from pipelines.errors import UserError
 from rrd_fast.memory import MemorySpec, build_memory
 from rrd_fast.methods.base import (LossTerm, MethodError, MethodSpec, NetInfo, TermContext, full_precision, register_method,
                                    register_term)
@@ -79,7 +79,7 @@ class RRD(LossTerm):
                           num_samples=context.num_train_samples, labels=context.train_labels, momentum=options.momentum)
         try:
             self.memory = build_memory(options.memory, context.memory_sharding, spec)
-        except ConfigError:
+        except UserError:
             raise
         except ValueError as exc:
             raise MethodError(f"method.options.rrd: {exc}") from None

@@ -3,7 +3,7 @@ float64 over two consecutive steps and write tests/fixtures/reference/crd.json.
 
 Aligned with ours before the first step, since both are free choices of an implementation and not
 the method: the reference's banks (memory_v1: student, memory_v2: teacher) are set to our initial
-rows (rrd_fast.memory_contrast.ContrastMemory.initial_rows, seed 0; the reference draws them
+rows (rrd_fast.memory.contrast.ContrastMemory.initial_rows, seed 0; the reference draws them
 from torch's global RNG), and the reference is fed the negatives our NegativeSampler draws (its
 contrast_idx argument; its own data loader draws them with numpy). Its `params` buffer is set to
 exact float64 values (it is created in float32, which rounds T = 0.07). The embeddings are filled
@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 import reference_inputs as ri  # noqa: E402
 
-from rrd_fast.memory_contrast import ContrastMemory  # noqa: E402
-from rrd_fast.memory_momentum import NegativeSampler  # noqa: E402
+from rrd_fast.memory.contrast import ContrastMemory  # noqa: E402
+from rrd_fast.memory.momentum import NegativeSampler  # noqa: E402
 
 PAIRS = [("resnet8x4", "resnet32x4"), ("resnet20", "wrn_40_2")]  # (student, teacher): pooled 256/256, 64/128
 SETUP = {"num_samples": 64, "num_classes": 10, "batch": 8, "seed": 0, "step_seeds": [0, 1],

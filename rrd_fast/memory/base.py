@@ -6,8 +6,8 @@ order the method asks for. Memories are registered by (kind, sharding mode), so 
 knows how many processes share its memory or how its rows are split:
 
 - kind `fifo`: a K×D queue of teacher keys (this file; sharded and replicated variants in
-  `memory_sharded.py`); kind `momentum`: CRD's N×D banks indexed by sample (`memory_momentum.py`);
-  kind `contrast`: the same banks with CRD's own NCE loss (`memory_contrast.py`).
+  `memory/fifo_sharded.py`); kind `momentum`: CRD's N×D banks indexed by sample (`memory/momentum.py`);
+  kind `contrast`: the same banks with CRD's own NCE loss (`memory/contrast.py`).
 - sharding `local`: each process keeps its own memory, fed only its own samples (the
   reference code's behaviour under DDP); `replicated`: every process holds the whole
   memory and feeds it the gathered global batch; `sharded`: each process holds 1/W of the
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.batch import Batch
-from rrd_fast.config import ConfigError
+from pipelines.errors import UserError
 
 
 def soft_target_cross_entropy(
@@ -113,66 +113,8 @@ class Memory(nn.Module):
         return {}
 
 
-def fifo_loss(queue: Memory, z_s: torch.Tensor, z_t: torch.Tensor, tau_s: float, tau_t: float,
-              enqueue: str) -> torch.Tensor:
-    """The loss against a FIFO queue, with the batch's own keys enqueued "before" (2025) or "after" (paper)."""
-    if enqueue == "before":
-        queue.enqueue(z_t)
-    out = queue.soft_cross_entropy(z_s, z_t, tau_s, tau_t)
-    if enqueue == "after":
-        queue.enqueue(z_t)
-    return out
-
-
-class FifoQueue(Memory):
-    """K×D queue of unit-norm rows; `enqueue` overwrites the oldest rows, wrapping around.
-
-    Any batch size works (the reference required K % B == 0). Rows start as random unit
-    vectors drawn from `seed`, so runs are reproducible from the first step. `per_rank`
-    marks a queue that is one of several unsynchronised per-process queues.
-    """
-
-    def __init__(self, size: int, dim: int, seed: int = 0, per_rank: bool = False) -> None:
-        super().__init__()
-        if size <= 0 or dim <= 0:
-            raise ValueError(f"queue size and dim must be positive, got {size}×{dim}")
-        self.per_rank = per_rank
-        self.register_buffer("queue", unit_rows(seed, 0, size, dim))
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
-
-    @property
-    def size(self) -> int:
-        return int(self.queue.shape[0])
-
-    @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        positions, keys, next_ptr = fifo_positions(int(self.ptr), keys.detach().to(self.queue.dtype), self.size)
-        # Out of place: a loss computed before this call may still hold the old rows for backward.
-        self.queue = self.queue.index_copy(0, positions, keys)
-        self.ptr.fill_(next_ptr)
-
-    def soft_cross_entropy(self, z_s: torch.Tensor, z_t: torch.Tensor, tau_s: float, tau_t: float) -> torch.Tensor:
-        return soft_target_cross_entropy(z_s, z_t, self.queue, tau_s, tau_t)
-
-    def loss(self, z_s: torch.Tensor, z_t: torch.Tensor, batch: Batch, tau_s: float, tau_t: float,
-             enqueue: str) -> torch.Tensor:
-        return fifo_loss(self, z_s, z_t, tau_s, tau_t, enqueue)
-
-    def row_shards(self) -> dict[str, RowShard]:
-        return {"queue": RowShard(0, self.size, self.size, per_rank=self.per_rank)}
-
-
-def fifo_positions(ptr: int, keys: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Queue rows that `keys` land in when written from `ptr` on, the keys that survive, the next `ptr`.
-
-    When more keys than rows arrive, only the newest `size` survive, at the rows a
-    sequential write would have left them in.
-    """
-    n, start = keys.shape[0], ptr
-    if n > size:
-        start = (start + n - size) % size
-        keys, n = keys[-size:], size
-    return (start + torch.arange(n, device=keys.device)) % size, keys, (start + n) % size
+class MemorySettingError(UserError):
+    """An unknown memory kind or sharding mode."""
 
 
 MemoryFactory = Callable[[MemorySpec], Memory]
@@ -194,17 +136,11 @@ def register_memory(kind: str, sharding: str) -> Callable[[MemoryFactory], Memor
 def build_memory(kind: str, sharding: str, spec: MemorySpec) -> Memory:
     kinds = sorted({k for k, _ in _MEMORIES})
     if kind not in kinds:
-        raise ConfigError(f"method.options.rrd.memory: unknown memory {kind!r} (known: {', '.join(kinds)})")
+        raise MemorySettingError(f"method.options.rrd.memory: unknown memory {kind!r} (known: {', '.join(kinds)})")
     modes = sorted(s for k, s in _MEMORIES if k == kind)
     if sharding not in modes:
-        raise ConfigError(f"distributed.memory_sharding: unknown mode {sharding!r} for memory {kind!r} "
+        raise MemorySettingError(f"distributed.memory_sharding: unknown mode {sharding!r} for memory {kind!r} "
                           f"(known: {', '.join(modes)})")
     return _MEMORIES[(kind, sharding)](spec)
 
 
-@register_memory("fifo", "local")
-def _local_fifo(spec: MemorySpec) -> Memory:
-    return FifoQueue(spec.size, spec.dim, spec.seed, per_rank=spec.world_size > 1)
-
-
-from rrd_fast import memory_momentum, memory_sharded  # noqa: E402,F401  (registration, memory_contrast too)
