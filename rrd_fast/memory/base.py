@@ -28,6 +28,7 @@ from torch import nn
 
 from pipelines.batch import Batch
 from pipelines.errors import UserError
+from pipelines.registry import Registry
 
 
 def soft_target_cross_entropy(
@@ -118,29 +119,17 @@ class MemorySettingError(UserError):
 
 
 MemoryFactory = Callable[[MemorySpec], Memory]
-_MEMORIES: dict[tuple[str, str], MemoryFactory] = {}
+MEMORIES: Registry[Registry[MemoryFactory]] = Registry("memory", setting="method.options.rrd.memory",
+                                                       error=MemorySettingError)
 
 
 def register_memory(kind: str, sharding: str) -> Callable[[MemoryFactory], MemoryFactory]:
     """Register `factory(spec) -> Memory` for memory `kind` under a `distributed.memory_sharding` mode."""
-
-    def wrap(factory: MemoryFactory) -> MemoryFactory:
-        if (kind, sharding) in _MEMORIES:
-            raise ValueError(f"memory {kind!r}/{sharding!r} registered twice")
-        _MEMORIES[(kind, sharding)] = factory
-        return factory
-
-    return wrap
+    if kind not in MEMORIES:
+        MEMORIES.register(Registry("sharding mode", setting="distributed.memory_sharding", error=MemorySettingError),
+                          name=kind)
+    return MEMORIES.get(kind).register(name=sharding)
 
 
 def build_memory(kind: str, sharding: str, spec: MemorySpec) -> Memory:
-    kinds = sorted({k for k, _ in _MEMORIES})
-    if kind not in kinds:
-        raise MemorySettingError(f"method.options.rrd.memory: unknown memory {kind!r} (known: {', '.join(kinds)})")
-    modes = sorted(s for k, s in _MEMORIES if k == kind)
-    if sharding not in modes:
-        raise MemorySettingError(f"distributed.memory_sharding: unknown mode {sharding!r} for memory {kind!r} "
-                          f"(known: {', '.join(modes)})")
-    return _MEMORIES[(kind, sharding)](spec)
-
-
+    return MEMORIES.get(kind).get(sharding)(spec)

@@ -17,6 +17,7 @@ from torch import nn
 
 from pipelines.batch import Batch
 from pipelines.errors import UserError, did_you_mean
+from pipelines.registry import Registry
 from rrd_fast.models import ModelOutput
 
 
@@ -112,20 +113,13 @@ class LossTerm(nn.Module):
         raise NotImplementedError(f"{self.name} has no init stage")
 
 
-_TERMS: dict[str, type[LossTerm]] = {}
+TERMS: Registry[type[LossTerm]] = Registry("loss term", error=MethodError)
+register_term = TERMS.register
+get_term = TERMS.get
 
 
-def register_term(cls: type[LossTerm]) -> type[LossTerm]:
-    if cls.name in _TERMS:
-        raise ValueError(f"loss term {cls.name!r} registered twice")
-    _TERMS[cls.name] = cls
-    return cls
-
-
-def get_term(name: str) -> type[LossTerm]:
-    if name not in _TERMS:
-        raise MethodError(f"unknown loss term {name!r} (known: {', '.join(sorted(_TERMS))})")
-    return _TERMS[name]
+def list_terms() -> list[str]:
+    return TERMS.names()
 
 
 @dataclass(frozen=True)
@@ -138,25 +132,13 @@ class MethodSpec:
     default_weights: tuple[float, float, float]  # gamma, alpha, beta as in the authors' commands
 
 
-_METHODS: dict[str, MethodSpec] = {}
+METHODS: Registry[MethodSpec] = Registry("method", setting="method.name", error=MethodError)
+register_method = METHODS.register
+get_method = METHODS.get
 
 
-def register_method(spec: MethodSpec) -> MethodSpec:
-    if spec.name in _METHODS:
-        raise ValueError(f"method {spec.name!r} registered twice")
-    _METHODS[spec.name] = spec
-    return spec
-
-
-def get_method(name: str) -> MethodSpec:
-    if name not in _METHODS:
-        hint = did_you_mean(name, _METHODS)
-        raise MethodError(f"method.name: unknown method {name!r}{hint} (known: {', '.join(sorted(_METHODS))})")
-    return _METHODS[name]
-
-
-def list_methods() -> list[str]:
-    return sorted(_METHODS)
+def list_methods(pattern: str = "*") -> list[str]:
+    return METHODS.names(pattern)
 
 
 def parse_options(term: type[LossTerm], raw: dict[str, Any] | None) -> Any:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
-from pipelines.errors import UserError, did_you_mean
+from pipelines.errors import UserError
+from pipelines.registry import Registry
 
 
 @dataclass
@@ -38,34 +38,26 @@ class ModelOutput:
 
 
 ModelFactory = Callable[..., nn.Module]
-_MODELS: dict[str, ModelFactory] = {}
 
 
 class UnknownModelError(UserError):
     pass
 
 
+MODELS: Registry[ModelFactory] = Registry("model", error=UnknownModelError)
+
+
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
     """Register `fn(num_classes: int, in_channels: int) -> nn.Module` under `name`."""
-
-    def wrap(fn: ModelFactory) -> ModelFactory:
-        if name in _MODELS:
-            raise ValueError(f"model {name!r} registered twice")
-        _MODELS[name] = fn
-        return fn
-
-    return wrap
+    return MODELS.register(name=name)
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
+    return MODELS.names(pattern)
 
 
 def create_model(name: str, num_classes: int = 100, in_channels: int = 3) -> nn.Module:
-    if name not in _MODELS:
-        hint = did_you_mean(name, _MODELS)
-        raise UnknownModelError(f"unknown model {name!r}{hint} (known: {', '.join(list_models())})")
-    return _MODELS[name](num_classes=num_classes, in_channels=in_channels)
+    return MODELS.get(name)(num_classes=num_classes, in_channels=in_channels)
 
 
 def feat_shapes(model: nn.Module, in_channels: int, image_size: int) -> tuple[tuple[int, ...], ...]:
