@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +36,29 @@ from rrd_fast.resume_shards import load_rank_shards, memory_shards, remove_stale
 from rrd_fast.teacher import load_teacher
 
 RESUME_FILE = "resume/state.pt"
+BEST_WEIGHTS = "model_best.safetensors"
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def epoch_line(record: dict[str, Any], state: "TrainState", total_main: int, total_init: int, elapsed: float,
+               eta: float) -> str:
+    """One line per epoch: where the run is, its losses and accuracy, speed and time left."""
+    if record["stage"] == "init":
+        head = f"init {record['epoch']}/{total_init}"
+    else:
+        head = f"epoch {record['epoch']}/{total_main}"
+    terms = " ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in record.items() if k.startswith("loss_"))
+    parts = [head, f"lr {record['lr']:.3g}", f"loss {record['loss']:.4f} ({terms})"]
+    if "train_top1" in record:
+        parts.append(f"train top-1 {record['train_top1']:.2f}")
+    if "top1" in record:
+        parts.append(f"top-1 {record['top1']:.2f} (best {state.best_top1:.2f} at epoch {state.best_epoch + 1})")
+    parts += [f"{record['images_per_s']:.0f} img/s", f"elapsed {_clock(elapsed)}", f"eta {_clock(eta)}"]
+    return " | ".join(parts)
 
 
 class DistillModule(nn.Module):
@@ -172,6 +195,8 @@ class Trainer:
                                     weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
         self.module, self.optimizer = acc.prepare(module, optimizer)
         self.init = self._build_init_stage()
+        if teacher_model is not None and cfg.teacher.eval_top1 and not resume:
+            self.teacher_meta["top1"] = self._teacher_top1(teacher_model)
         self.teacher = self._open_teacher(teacher_model, rebuild_cache)
         self.state = TrainState()
         acc.wait_for_everyone()  # every rank has checked the folder before rank 0 creates it
@@ -209,6 +234,16 @@ class Trainer:
         lr = stage.lr if stage.lr is not None else lr_at(self.cfg, 0)
         optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
         return InitRun(name, stage, params, modules, optimizer)
+
+    def _teacher_top1(self, model: nn.Module) -> float:
+        """The teacher's own top-1 on this run's eval split, recorded so that a weak teacher shows."""
+        home = next(model.parameters()).device
+        top1 = self.evaluate_model(model.to(self.accelerator.device, memory_format=self.memory_format))["top1"]
+        model.to(home)
+        if self.accelerator.is_main_process and self.cfg.train.progress:
+            print(f"teacher: {self.teacher_meta['arch']} from {self.teacher_meta['checkpoint']}, "
+                  f"top-1 {top1:.2f} on the eval split", flush=True)
+        return top1
 
     @property
     def init_epochs(self) -> int:
@@ -266,6 +301,7 @@ class Trainer:
             "best_top1": self.state.best_top1,
             "best_epoch": self.state.best_epoch,
             "history_json": json.dumps(self.state.history),
+            "teacher_meta_json": json.dumps(self.teacher_meta),
             "torch_rng": torch.get_rng_state(),
         }
 
@@ -310,11 +346,15 @@ class Trainer:
         self.state = TrainState(int(payload["epoch"]), int(payload["global_step"]), float(payload["best_top1"]),
                                 int(payload["best_epoch"]), json.loads(payload["history_json"]))
         torch.set_rng_state(payload["torch_rng"].cpu())
+        saved_teacher = json.loads(payload.get("teacher_meta_json", "null"))
+        if saved_teacher and self.teacher_meta is not None and "top1" in saved_teacher:
+            self.teacher_meta["top1"] = saved_teacher["top1"]
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
         cfg, acc = self.cfg, self.accelerator
         total = self.init_epochs + cfg.optim.epochs
+        began, first = time.perf_counter(), self.state.epoch
         while self.state.epoch < total:
             epoch = self.state.epoch
             if epoch < self.init_epochs:
@@ -330,7 +370,13 @@ class Trainer:
             self.state.epoch += 1
             if acc.is_main_process:
                 self._write_metrics()
-                self._write_student()
+                self._write_student(best=record.get("top1") is not None and self.state.best_epoch == record["epoch"] - 1
+                                    and record["stage"] == "main")
+                if cfg.train.progress:
+                    done = self.state.epoch - first
+                    elapsed = time.perf_counter() - began
+                    print(epoch_line(record, self.state, total_main=cfg.optim.epochs, total_init=self.init_epochs,
+                                     elapsed=elapsed, eta=elapsed / done * (total - self.state.epoch)), flush=True)
             if self.state.epoch % cfg.train.save_every == 0 or self.state.epoch == total:
                 self._save_resume()
             acc.wait_for_everyone()
@@ -471,18 +517,24 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        acc = self.accelerator
         self._sync_buffers()
         student = self.unwrapped.student
         student.eval()
+        result = self.evaluate_model(student)
+        student.train()
+        return result
+
+    @torch.no_grad()
+    def evaluate_model(self, model: nn.Module) -> dict[str, float]:
+        """Top-1/top-5 of `model` (already in eval mode, on this device) on the eval split, over all ranks."""
+        acc = self.accelerator
         counts = torch.zeros(3, device=acc.device, dtype=torch.long)
         for batch in self.data.eval.epoch(0):
             with acc.autocast():
-                logits = student(batch.images.contiguous(memory_format=self.memory_format))
+                logits = model(batch.images.contiguous(memory_format=self.memory_format))
             top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
             hits = top5 == batch.labels[:, None]
             counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(batch), device=acc.device)])
-        student.train()
         counts = acc.reduce(counts, reduction="sum")
         total = max(int(counts[2]), 1)
         return {"top1": 100.0 * float(counts[0]) / total, "top5": 100.0 * float(counts[1]) / total}
@@ -492,7 +544,7 @@ class Trainer:
         with atomic_path(self.run_dir / "metrics.jsonl") as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in self.state.history))
 
-    def _write_student(self) -> None:
+    def _write_student(self, best: bool = False) -> None:
         cfg, fmt = self.cfg, self.data.fmt
         evaluated = [r for r in self.state.history if "top1" in r]
         sidecar = {
@@ -513,6 +565,9 @@ class Trainer:
             "best_epoch": self.state.best_epoch + 1 if evaluated else None,
         }
         write_model_checkpoint(self.run_dir, self.unwrapped.student, sidecar)
+        if best:  # the best epoch's weights beside the last, since users report both
+            with atomic_path(self.run_dir / BEST_WEIGHTS) as tmp:
+                shutil.copyfile(self.run_dir / "model.safetensors", tmp)
 
     def summary(self) -> dict[str, Any]:
         evaluated = [r for r in self.state.history if "top1" in r]

@@ -227,3 +227,37 @@ def test_a_run_folder_locked_by_a_live_process_is_refused(fmnist: Path, tmp_path
         holder.wait()
     # the holder is dead now: its lock is stale and taken over
     assert _cli(base_args(fmnist, tmp_path, "busy") + ["optim.epochs=1", "data.train_limit=64"], capsys)[0] == 0
+
+
+def test_each_epoch_prints_a_line_and_the_best_weights_are_kept(fmnist: Path, teacher_dir: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from rrd_fast.data import build_data
+
+    args = base_args(fmnist, tmp_path, "lines") + [f"teacher.checkpoint={teacher_dir}", "method.name=kd",
+                                                    "optim.epochs=2", "data.train_limit=64", "train.progress=true"]
+    assert train_main(args) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert [line.split(" |")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    records = [json.loads(line) for line in (tmp_path / "lines" / "metrics.jsonl").read_text().splitlines()]
+    for line, record in zip(lines, records):
+        assert f"top-1 {record['top1']:.2f}" in line and "img/s" in line and "eta 0:00:00" in lines[-1]
+        assert f"kd {record['loss_kd']:.4f}" in line
+    run = tmp_path / "lines"
+    summary = json.loads((run / "summary.json").read_text())
+    best = load_file(str(run / "model_best.safetensors"))
+    last = _weights(run)
+    same = all(torch.equal(best[k], last[k]) for k in last)
+    assert same == (summary["best_epoch"] == 2)
+    # the teacher's own top-1 on the eval split is measured and recorded
+    cfg = load_config(run / "config.yaml")
+    teacher, _ = read_model_checkpoint(teacher_dir)
+    data = build_data(cfg.data, cfg.seed, 0, 1, torch.device("cpu"))
+    correct = total = 0
+    with torch.no_grad():
+        for batch in data.eval.epoch(0):
+            correct += int((teacher.eval()(batch.images).argmax(1) == batch.labels).sum())
+            total += len(batch)
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["teacher"]["top1"] == pytest.approx(100.0 * correct / total)
+    assert f"top-1 {100.0 * correct / total:.2f} on the eval split" in out
