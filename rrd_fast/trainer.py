@@ -25,13 +25,14 @@ from pipelines.batch import Batch
 from rrd_fast.atomic import atomic_path, write_json_atomic
 from rrd_fast.checkpoint import write_model_checkpoint
 from rrd_fast.cli import RunError
-from rrd_fast.config import RunConfig, config_to_dict, save_config
+from rrd_fast.config import RunConfig, config_to_dict, load_config, save_config
 from rrd_fast.data import RunData, build_data
 from rrd_fast.methods import InitStage, NetInfo, Objective, TermContext
 from rrd_fast.methods.objective import resolve_weights, teacher_fields_for
 from rrd_fast.models import ModelOutput, create_model, feat_shapes
 from rrd_fast.precision import resolve_mixed_precision, warn_if_emulated
 from rrd_fast.run_dir import check_fresh, open_run_dir
+from rrd_fast.cache.manifest import split_fingerprint
 from rrd_fast.resume_shards import load_rank_shards, memory_shards, remove_stale_shards, write_rank_shards
 from rrd_fast.teacher import load_teacher
 
@@ -143,6 +144,28 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+# Settings that cannot change the trajectory up to the point where a run stopped; anything else
+# differing on --resume would silently make a run that is neither the old one nor a new one.
+RESUME_MAY_CHANGE = ("name", "output_dir", "optim.epochs", "train.progress", "train.save_every", "train.log_with",
+                     "train.threads", "teacher.cache_verify")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and not (prefix.endswith("options") or prefix == "method.options"):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: tree}
+
+
+def resume_differences(saved: RunConfig, wanted: RunConfig) -> list[str]:
+    """`key: saved -> wanted` for every setting that differs and may not change on resume."""
+    a, b = _flat(config_to_dict(saved)), _flat(config_to_dict(wanted))
+    return [f"{key} {a.get(key)!r} -> {b.get(key)!r}" for key in sorted(set(a) | set(b))
+            if a.get(key) != b.get(key) and key not in RESUME_MAY_CHANGE]
+
+
 def resolve_method(cfg: RunConfig) -> None:
     """Fill the weights the user left unset with the method's own, so config.yaml shows what ran."""
     cfg.method.gamma, cfg.method.alpha, cfg.method.beta = resolve_weights(cfg.method)
@@ -162,6 +185,8 @@ class Trainer:
         self.run_dir = cfg.run_dir
         if not resume:
             check_fresh(self.run_dir, overwrite)  # every rank, before any writes
+        else:
+            self._check_resume_config(device)
         self.lock = None
         warn_if_emulated(acc.device, cfg.train.mixed_precision)
         torch.manual_seed(cfg.seed)
@@ -195,6 +220,8 @@ class Trainer:
                                     weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
         self.module, self.optimizer = acc.prepare(module, optimizer)
         self.init = self._build_init_stage()
+        self.fingerprints = {"data": split_fingerprint(fmt.name, cfg.data.root, self.data.train_split),
+                             "teacher": self.teacher_meta["sha256"] if self.teacher_meta else None}
         if teacher_model is not None and cfg.teacher.eval_top1 and not resume:
             self.teacher_meta["top1"] = self._teacher_top1(teacher_model)
         self.teacher = self._open_teacher(teacher_model, rebuild_cache)
@@ -204,8 +231,21 @@ class Trainer:
             self.lock = open_run_dir(self.run_dir, resume, overwrite)
         if resume:
             self._load_resume()
-        elif acc.is_main_process:
-            save_config(cfg, self.run_dir / "config.yaml")
+        if acc.is_main_process:
+            save_config(cfg, self.run_dir / "config.yaml")  # on resume: the resolved config, new epoch count included
+
+    def _check_resume_config(self, device: torch.device) -> None:
+        path = self.run_dir / "config.yaml"
+        if not path.is_file():
+            raise RunError(f"{path}: no config.yaml in this run folder, so it cannot be resumed")
+        saved = load_config(path)
+        saved.train.mixed_precision = resolve_mixed_precision(saved.train.mixed_precision, device)
+        resolve_method(saved)
+        saved.name, saved.output_dir = self.cfg.name, self.cfg.output_dir
+        diffs = resume_differences(saved, self.cfg)
+        if diffs:
+            raise RunError(f"--resume {self.run_dir}: these settings differ from the run's own ({'; '.join(diffs)}); "
+                           f"only {', '.join(RESUME_MAY_CHANGE[2:])} may change on resume; start a new run instead")
 
     def _load_teacher(self) -> tuple[nn.Module | None, dict[str, Any] | None]:
         cfg, fmt = self.cfg, self.data.fmt
@@ -266,7 +306,7 @@ class Trainer:
             try:
                 teacher = open_cached_teacher(cfg, teacher_model, self.teacher_meta, self.data.train, acc.device,
                                               teacher_fields_for(cfg.method), rebuild=rebuild_cache,
-                                              may_build=acc.num_processes == 1)
+                                              may_build=acc.num_processes == 1, dataset=self.fingerprints["data"])
             except CacheTooLarge as exc:
                 if cfg.teacher.cache_fallback != "online":
                     raise
@@ -302,6 +342,7 @@ class Trainer:
             "best_epoch": self.state.best_epoch,
             "history_json": json.dumps(self.state.history),
             "teacher_meta_json": json.dumps(self.teacher_meta),
+            "fingerprints_json": json.dumps(self.fingerprints),
             "torch_rng": torch.get_rng_state(),
         }
 
@@ -327,6 +368,12 @@ class Trainer:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise RunError(f"{path}: resume state unreadable ({str(exc).splitlines()[0][:200]})") from None
+        saved_inputs = json.loads(payload.get("fingerprints_json", "null")) or {}
+        changed = [name for name, value in saved_inputs.items() if value != self.fingerprints.get(name)]
+        if changed:
+            what = {"data": f"the training data ({self.cfg.data.root})", "teacher": f"the teacher ({self.cfg.teacher.checkpoint})"}
+            raise RunError(f"{path}: {' and '.join(what[c] for c in changed)} changed since this run started "
+                           "(fingerprints differ); resume needs the same inputs, start a new run instead")
         memory_rows = set(memory_shards(self.unwrapped))
         try:
             missing, unexpected = self.unwrapped.load_state_dict(payload["module"], strict=False)

@@ -261,3 +261,27 @@ def test_each_epoch_prints_a_line_and_the_best_weights_are_kept(fmnist: Path, te
     meta = json.loads((run / "model.json").read_text())
     assert meta["teacher"]["top1"] == pytest.approx(100.0 * correct / total)
     assert f"top-1 {100.0 * correct / total:.2f} on the eval split" in out
+
+
+def test_resume_refuses_a_changed_run_and_changed_inputs(fmnist: Path, teacher_dir: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, teacher)
+    args = base_args(fmnist, tmp_path, "first") + [f"teacher.checkpoint={teacher}", "method.name=kd", "optim.epochs=1",
+                                                    "data.train_limit=64"]
+    assert _cli(args, capsys)[0] == 0
+    run = tmp_path / "first"
+    code, err = _cli(["--resume", str(run), "seed=5", "data.batch_size=16", "optim.epochs=2"], capsys)
+    _assert_one_line_error(code, err, "seed 0 -> 5", "data.batch_size 32 -> 16")
+    assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == 0
+    # the teacher is replaced by another one: refused, naming the teacher
+    torch.manual_seed(99)
+    write_model_checkpoint(teacher, create_model("resnet8", num_classes=10, in_channels=1), FMNIST_SIDECAR)
+    code, err = _cli(["--resume", str(run), "optim.epochs=2"], capsys)
+    _assert_one_line_error(code, err, "the teacher", "changed since this run started")
+    shutil.rmtree(teacher)
+    shutil.copytree(teacher_dir, teacher)
+    assert _cli(["--resume", str(run), "optim.epochs=2"], capsys)[0] == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["epochs"] == 2

@@ -142,14 +142,16 @@ def open_cached_teacher(
     needed: tuple[str, ...] = (),
     rebuild: bool = False,
     may_build: bool = True,
+    dataset: dict[str, Any] | None = None,
 ) -> CachedTeacher:
     """The cached teacher for this run, building or resuming the cache first when allowed.
 
     `teacher` stays where it is (CPU): only a build copies it to the device. Runs with
     several processes do not build (one process would stall the others past their
-    collective timeouts); they need a cache built beforehand with the CLI.
+    collective timeouts); they need a cache built beforehand with the CLI. `dataset` is the
+    training split's fingerprint when the caller has it (else it is computed from disk).
     """
-    key = run_key(cfg, teacher_meta)
+    key = run_key(cfg, teacher_meta, dataset)
     if may_build:
         manifest = build_cache(cfg, rebuild=rebuild, teacher=teacher, teacher_meta=teacher_meta,
                                pipeline=pipeline, device=device, key=key)
