@@ -23,20 +23,38 @@ if __name__ == "__main__":  # before torch loads: glibc reads its malloc tunable
     reexec_with_malloc_tuning()  # opt out with RRD_FAST_NO_MALLOC_TUNING=1
 
 import argparse  # noqa: E402
+import os  # noqa: E402
 
 from rrd_fast.cli import run_cli  # noqa: E402
-from rrd_fast.config import load_config  # noqa: E402
+from rrd_fast.config import RunConfig, config_help, dump_config, load_config  # noqa: E402
+
+
+def resolved_for_print(cfg: RunConfig) -> RunConfig:
+    """What the trainer would resolve before it starts: the method's weights and `mixed_precision: auto`."""
+    import torch
+
+    from rrd_fast.methods.objective import resolve_weights
+    from rrd_fast.precision import resolve_mixed_precision
+
+    cfg.method.gamma, cfg.method.alpha, cfg.method.beta = resolve_weights(cfg.method)
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    cfg.train.mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision, torch.device("cpu" if cpu else "cuda"))
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rrd_fast/train.py", description="Train a teacher or distill a student.")
+    parser = argparse.ArgumentParser(prog="rrd_fast/train.py", description="Train a teacher or distill a student.",
+                                     epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="YAML run config")
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
     parser.add_argument("--rebuild-cache", action="store_true",
                         help="rebuild the teacher cache (teacher.cache) even if one exists, e.g. built for another run")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing run in the run folder (without it, a fresh run refuses such a folder)")
-    parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optim.epochs=10")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (method weights and mixed precision included) as YAML and "
+                             "exit without starting anything; it loads back with --config")
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optim.epochs=10 (keys below)")
     args = parser.parse_args(argv)
     if args.resume is not None:
         cfg = load_config(args.resume / "config.yaml", args.overrides)
@@ -44,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg.output_dir, cfg.name = str(args.resume.parent), args.resume.name
     else:
         cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(resolved_for_print(cfg)), end="")
+        return 0
     from rrd_fast.trainer import Trainer  # after argument errors, so `--help` stays fast
 
     trainer = Trainer(cfg, resume=args.resume is not None, rebuild_cache=args.rebuild_cache, overwrite=args.overwrite)

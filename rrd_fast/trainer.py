@@ -31,6 +31,8 @@ from rrd_fast.methods import InitStage, NetInfo, Objective, TermContext
 from rrd_fast.methods.objective import resolve_weights, teacher_fields_for
 from rrd_fast.models import ModelOutput, create_model, feat_shapes
 from rrd_fast.precision import resolve_mixed_precision, warn_if_emulated
+from rrd_fast.threads import resolve_threads
+from rrd_fast.tracking import end_tracking, log_epoch, make_tracker_kwargs, start_tracking
 from rrd_fast.run_dir import check_fresh, open_run_dir
 from rrd_fast.cache.manifest import split_fingerprint
 from rrd_fast.resume_shards import load_rank_shards, memory_shards, remove_stale_shards, write_rank_shards
@@ -179,7 +181,8 @@ class Trainer:
         device = torch.device("cpu") if cpu else torch.device("cuda")
         cfg.train.mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision, device)
         resolve_method(cfg)
-        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu, kwargs_handlers=[ddp])
+        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu, kwargs_handlers=[ddp],
+                                       **make_tracker_kwargs(cfg))
         check_launch(self.accelerator, cfg)
         acc = self.accelerator
         self.run_dir = cfg.run_dir
@@ -189,6 +192,7 @@ class Trainer:
             self._check_resume_config(device)
         self.lock = None
         warn_if_emulated(acc.device, cfg.train.mixed_precision)
+        cfg.train.threads = resolve_threads(cfg)  # the same under every launcher; saved in config.yaml
         torch.manual_seed(cfg.seed)
         self.data: RunData = build_data(cfg.data, cfg.seed, acc.process_index, acc.num_processes, acc.device,
                                         cfg.train.mixed_precision)
@@ -197,7 +201,8 @@ class Trainer:
             print(f"data: {self.data.fmt.name}, {self.data.num_train} train / {self.data.num_eval} eval samples, "
                   f"{self.data.backend} pipeline (data.pipeline={cfg.data.pipeline}), "
                   f"{str(self.data.train.dtype).removeprefix('torch.')} batches, "
-                  f"train.mixed_precision={cfg.train.mixed_precision}", flush=True)
+                  f"train.mixed_precision={cfg.train.mixed_precision}, {cfg.train.threads} CPU threads per process "
+                  f"(train.threads)", flush=True)
             print(f"method: {m.name}, loss = {m.gamma:g}*CE + {m.alpha:g}*KD + {m.beta:g}*{m.name}", flush=True)
         fmt = self.data.fmt
         student = create_model(cfg.student.arch, num_classes=fmt.num_classes, in_channels=fmt.channels)
@@ -233,6 +238,7 @@ class Trainer:
             self._load_resume()
         if acc.is_main_process:
             save_config(cfg, self.run_dir / "config.yaml")  # on resume: the resolved config, new epoch count included
+        start_tracking(acc, cfg)
 
     def _check_resume_config(self, device: torch.device) -> None:
         path = self.run_dir / "config.yaml"
@@ -414,6 +420,7 @@ class Trainer:
                     if record["top1"] > self.state.best_top1:
                         self.state.best_top1, self.state.best_epoch = record["top1"], main_epoch
             self.state.history.append(record)
+            log_epoch(acc, record)
             self.state.epoch += 1
             if acc.is_main_process:
                 self._write_metrics()
@@ -430,11 +437,15 @@ class Trainer:
         summary = self.summary()
         if acc.is_main_process:
             write_json_atomic(self.run_dir / "summary.json", summary)
+            from rrd_fast.plot import write_curves  # matplotlib is imported only when a run ends
+
+            write_curves(self.run_dir)
         self.close()
         return summary
 
     def close(self) -> None:
-        """Release the run folder (fit does this at its end)."""
+        """Close the trackers and release the run folder (fit does this at its end)."""
+        end_tracking(self.accelerator)
         if self.lock is not None:
             self.lock.release()
 

@@ -11,10 +11,10 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402
 
-from rrd_fast.bench import cache, memory, pipelines, train  # noqa: E402
+from rrd_fast.bench import cache, memory, methods, pipelines, train  # noqa: E402
 from rrd_fast.cli import run_cli  # noqa: E402
 
-COMMANDS = {"train": train, "memory": memory, "cache": cache, "pipelines": pipelines}
+COMMANDS = {"train": train, "methods": methods, "memory": memory, "cache": cache, "pipelines": pipelines}
 
 
 def build_parser() -> argparse.ArgumentParser:
