@@ -34,10 +34,6 @@ CORRUPT_POLICIES: tuple[str, ...] = ("error", "skip")
 _EVAL_RESIZE: dict[str, int] = {"imagenet": 256}
 
 
-def register_eval_resize(format_name: str, resize: int) -> None:
-    _EVAL_RESIZE[format_name] = resize
-
-
 @dataclass(frozen=True)
 class CenterCropSpec:
     """Evaluation view: shorter side resized to `resize`, central `size`×`size` crop."""
