@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
+from export.artifact import check_out_folder
 from export.base import PRECISIONS, get_backend, list_backends, parse_batch_sizes
 from export.cli import OneLineParser, run_cli
 from export.data import data_source
@@ -12,8 +13,21 @@ from export.exporter import DEFAULT_BATCH_SIZES, DEFAULT_CALIB_SAMPLES, export_c
 from rrd_fast.checkpoint import read_sidecar
 
 
+TRUST_NOTE = (
+    "Trusting exported artifacts: artifact.json records every file's sha256, which catches corruption but not "
+    "someone who can write the folder (they can change a file and its sha together). An AOTInductor .pt2 package "
+    "is a shared library and a TensorRT engine can load plugin libraries, so loading either runs native code from "
+    "the folder: only load ones you built, or whose writers you trust. export.bench and load_artifact refuse such "
+    "artifacts when the folder or a file in it is writable by group or others, or owned by another user, unless "
+    "--trust-artifact (trust=True) is given; export writes its folder writable by you only. ONNX files and eager "
+    "checkpoints hold no code and load without trust. artifact.json records who built the artifact (host, user, "
+    "time)."
+)
+
+
 def build_parser() -> OneLineParser:
-    p = OneLineParser(prog="python -m export", description="Export a student checkpoint to a deployable artifact.")
+    p = OneLineParser(prog="python -m export", description="Export a student checkpoint to a deployable artifact.",
+                      epilog=TRUST_NOTE)
     p.add_argument("run_dir", help="run or checkpoint folder holding model.safetensors and model.json")
     p.add_argument("--backend", required=True, help=f"one of: {', '.join(list_backends())}")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
@@ -36,6 +50,7 @@ def build_parser() -> OneLineParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     backend = get_backend(args.backend)
+    check_out_folder(args.out)
     device = "cuda" if args.device == "auto" and backend.name == "tensorrt" else resolve_device(args.device)
     sizes = parse_batch_sizes(args.batch_sizes)
     backend.check(args.precision, device)

@@ -8,6 +8,11 @@ half are slow; use bf16 there).
 
 Compiling is slow on small CPUs (tens of seconds per package with gcc); the bench reuses
 packages it finds for the same checkpoint and settings.
+
+A `.pt2` package is a zip holding a shared library that `aoti_load_package` loads and
+runs: loading a package runs native code from it, so only load packages you built or
+whose writers you trust (the loader refuses folders other users can write; see
+`export.artifact`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class AOTInductorBackend(Backend):
     aliases = ("aoti", "inductor")
     precisions = {"fp32": ("cpu", "cuda"), "bf16": ("cpu", "cuda"), "fp16": ("cuda",)}
     device_specific = True
+    loads_native_code = True
 
     def missing(self) -> str | None:
         if not hasattr(torch._inductor, "aoti_compile_and_package"):

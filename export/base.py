@@ -77,6 +77,9 @@ class Backend(ABC):
     supports_dynamic: ClassVar[bool] = True
     # Whether the files are compiled for the export device (and run nowhere else).
     device_specific: ClassVar[bool] = True
+    # Whether loading the files runs native code from them (shared libraries, engine plugins):
+    # such artifacts are refused when other users can write them (see export.artifact).
+    loads_native_code: ClassVar[bool] = False
 
     def missing(self) -> str | None:
         """None when the backend's runtime is importable; otherwise what is missing and how to get it."""

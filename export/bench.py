@@ -1,11 +1,16 @@
 """`python -m export.bench RUN_DIR [RUN_DIR ...] --backends ... --out DIR`: latency against accuracy.
 
 For each student × backend × precision it exports an artifact (or reuses a matching one
-under OUT/artifacts), loads it back, and for each batch size records latency p50/p90/p99
-and throughput (warm-up excluded; CUDA events on GPU). It runs the artifact itself over
+under OUT/artifacts), loads it back, and for each batch size B records the latency of one
+call on a batch of B (p50/p90/p99, warm-up excluded; CUDA events on GPU) and the
+throughput of those same calls, B / p50 latency; points whose p90 exceeds p50 by more
+than `export.timing.NOISY_RATIO` are flagged noisy. It runs the artifact itself over
 the whole evaluation split for its top-1, and compares its logits with the torch
 checkpoint's (max abs difference, share of identical top-1). Results go to OUT/bench.json,
 and OUT/bench.md and OUT/bench.png are rendered from that file.
+
+Reused AOTInductor and TensorRT artifacts run native code when loaded, so they are refused
+when other users can write their folder, unless `--trust-artifact` (see `export.artifact`).
 """
 
 from __future__ import annotations
@@ -19,14 +24,14 @@ from typing import Any, Sequence
 
 import torch
 
-from export.artifact import ARTIFACT_SIDECAR, Artifact, load_artifact, read_artifact_sidecar
+from export.artifact import ARTIFACT_SIDECAR, Artifact, check_out_folder, load_artifact, read_artifact_sidecar
 from export.base import PRECISIONS, get_backend, parse_batch_sizes
 from export.cli import OneLineParser, run_cli
 from export.data import DataSource, ImageSet, calibration_source, data_source
 from export.errors import ExportError
 from export.exporter import DEFAULT_BATCH_SIZES, DEFAULT_CALIB_SAMPLES, device_name, export_model, resolve_device, runtime_versions
 from export.report import write_reports
-from export.timing import measure
+from export.timing import NOISY_RATIO, measure
 from rrd_fast.atomic import write_json_atomic
 from rrd_fast.checkpoint import read_model_checkpoint
 
@@ -51,6 +56,7 @@ class Settings:
     skip_unsupported: bool = False
     static: bool = False
     calib_samples: int = DEFAULT_CALIB_SAMPLES
+    trust_artifact: bool = False
 
 
 @dataclass
@@ -84,17 +90,22 @@ def _students(run_dirs: Sequence[str], settings: Settings) -> list[Student]:
     for run_dir in run_dirs:
         model, meta = read_model_checkpoint(run_dir)
         source = data_source(meta, settings.data, settings.eval_limit)
-        students.append(Student(Path(run_dir), str(meta["arch"]), model, meta, source))
-    # The label is arch (plus run folder when two students would otherwise share student/method).
+        students.append(Student(Path(run_dir), Path(run_dir).resolve().name, model, meta, source))
+    # Each student is named by its run folder; two folders of one name get their parent's name too.
+    names = [s.key for s in students]
     for s in students:
-        twins = [t for t in students if t.key == s.key and t.method == s.method]
-        if len(twins) > 1:
-            s.key = f"{s.meta['arch']}@{s.run_dir.resolve().name}"
+        if names.count(s.key) > 1:
+            s.key = f"{s.run_dir.resolve().parent.name}/{s.run_dir.resolve().name}"
     keys = [s.key for s in students]
     for i, s in enumerate(students):
-        if keys.count(s.key) > 1:
+        if keys.count(s.key) > 1:  # the same folder given twice
             s.key = f"{s.key}#{i}"
     return students
+
+
+def point_label(run: str, method: str, backend: str, precision: str) -> str:
+    """What a point is called in the table, the plot and the log: run name, method, backend (and precision)."""
+    return f"{run} ({method}) {backend}" + ("" if precision == "fp32" else f" {precision}")
 
 
 def _reusable(folder: Path, student: Student, backend: str, precision: str, device: str,
@@ -130,7 +141,8 @@ def _artifact(student: Student, backend: str, precision: str, settings: Settings
                      settings.batch_sizes, False if settings.static else None, calibration, info)
         spent = time.perf_counter() - t0
         print(f"  exported {backend} {precision} in {spent:.1f} s -> {folder}", flush=True)
-    return load_artifact(folder, settings.device, expect_source_sha=student.meta.get("sha256")), spent
+    return load_artifact(folder, settings.device, expect_source_sha=student.meta.get("sha256"),
+                         trust=settings.trust_artifact), spent
 
 
 def _reference(student: Student, images: ImageSet, settings: Settings) -> torch.Tensor:
@@ -209,7 +221,7 @@ def run_bench(run_dirs: Sequence[str], settings: Settings) -> Path:
                 x = images.first_batch(size)
                 latency = measure(artifact, x, warmup=settings.warmup, iters=settings.iters, budget_s=settings.budget_s)
                 m = metrics[eval_size]
-                label = f"{student.key}/{student.method}/{backend}" + ("" if precision == "fp32" else f"-{precision}")
+                label = point_label(student.key, student.method, backend, precision)
                 results.append({
                     "student": student.key, "label": label, "arch": student.meta["arch"], "method": student.method,
                     "backend": backend, "precision": precision, "device": settings.device, "batch_size": size,
@@ -217,9 +229,10 @@ def run_bench(run_dirs: Sequence[str], settings: Settings) -> Path:
                     "n_eval": len(images), "eval_batch_size": eval_size, "artifact": str(artifact.folder),
                     "export_s": export_s,
                 })
-                print(f"  {label} b{size}: p50 {latency.p50_ms:.3f} ms, p99 {latency.p99_ms:.3f} ms, "
-                      f"{latency.throughput_ips:.0f} img/s, top-1 {m['top1']:.2f}, "
-                      f"max|Δ| {m['max_abs_logit_diff']:.1e}", flush=True)
+                noisy = f" NOISY (p90/p50 above {NOISY_RATIO:g})" if latency.noisy else ""
+                print(f"  {label} b{size}: p50 {latency.p50_ms:.3f} ms, p90 {latency.p90_ms:.3f} ms "
+                      f"(p90/p50 {latency.p90_over_p50:.2f}{noisy}), {latency.throughput_ips:.0f} img/s at p50, "
+                      f"top-1 {m['top1']:.2f}, max|Δ| {m['max_abs_logit_diff']:.1e}", flush=True)
     _add_eager_ratios(results)
     report = {
         "format": BENCH_FORMAT,
@@ -281,6 +294,9 @@ def build_parser() -> OneLineParser:
                    help="record backend/precision pairs this machine cannot run instead of stopping")
     p.add_argument("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES)
     p.add_argument("--out", default="bench_out", help="output folder (artifacts/, bench.json, bench.md, bench.png)")
+    p.add_argument("--trust-artifact", action="store_true",
+                   help="load AOTInductor/TensorRT artifacts (native code) even when other users can write their "
+                        "folder; only for folders whose writers you trust")
     return p
 
 
@@ -294,13 +310,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                              ("--eval-batch-size", args.eval_batch_size, 1), ("--calib-samples", args.calib_samples, 1)):
         if value < low:
             raise ExportError(f"{name} must be >= {low}, got {value}")
+    check_out_folder(args.out)
     settings = Settings(
         backends=[b.strip() for b in args.backends.split(",") if b.strip()], precisions=precisions,
         batch_sizes=parse_batch_sizes(args.batch_sizes), device=resolve_device(args.device), out=Path(args.out),
         data=args.data, eval_limit=args.eval_limit, eval_batch_size=args.eval_batch_size, warmup=args.warmup,
         iters=args.iters, budget_s=args.budget if args.budget > 0 else None, threads=args.threads,
         reexport=args.reexport, skip_unsupported=args.skip_unsupported, static=args.static,
-        calib_samples=args.calib_samples,
+        calib_samples=args.calib_samples, trust_artifact=args.trust_artifact,
     )
     if not settings.backends:
         raise ExportError("--backends: at least one backend is required")

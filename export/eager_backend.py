@@ -1,7 +1,9 @@
 """Eager PyTorch: the baseline every comparison needs.
 
-The artifact is the student's own checkpoint (safetensors plus sidecar), rebuilt from the
-model zoo at load time. Lower precisions use autocast, as a user running eager would.
+The artifact is the student's own checkpoint (safetensors plus a `model.json` holding the
+fields of `ModelCard` that rebuild it), rebuilt from the model zoo at load time: loading
+reads tensors only and runs no code from the artifact folder. Lower precisions use
+autocast, as a user running eager would.
 """
 
 from __future__ import annotations
@@ -14,9 +16,7 @@ import torch
 from torch import nn
 
 from export.base import TORCH_DTYPES, ArtifactFile, Backend, ExportSpec, Runner, register_backend
-from rrd_fast.checkpoint import SIDECAR_NAME, WEIGHTS_NAME, read_model_checkpoint, write_model_checkpoint
-
-_CHECKPOINT_FIELDS = ("arch", "num_classes", "in_channels", "image_size", "normalization")
+from rrd_fast.checkpoint import SIDECAR_NAME, WEIGHTS_NAME, ModelCard, read_model_checkpoint, write_model_checkpoint
 
 
 @register_backend
@@ -35,8 +35,8 @@ class EagerBackend(Backend):
         return super().unsupported_reason(precision, device)
 
     def export(self, model: nn.Module, spec: ExportSpec, out_dir: Path) -> list[ArtifactFile]:
-        meta = {key: spec.source_meta[key] for key in _CHECKPOINT_FIELDS}
-        write_model_checkpoint(out_dir, model, meta)
+        card = ModelCard.from_dict(spec.source_meta, "the source checkpoint's model.json")
+        write_model_checkpoint(out_dir, model, card.essentials())
         return [ArtifactFile(WEIGHTS_NAME, None), ArtifactFile(SIDECAR_NAME, None)]
 
     def load(self, folder: Path, files: list[ArtifactFile], sidecar: dict[str, Any], device: str) -> dict[int | None, Runner]:

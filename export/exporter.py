@@ -13,12 +13,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from export.artifact import ARTIFACT_FORMAT, ARTIFACT_SIDECAR, dtype_name
+from export.artifact import ARTIFACT_FORMAT, ARTIFACT_SIDECAR, BuiltBy, dtype_name, prepare_out_folder, write_artifact_sidecar
 from export.base import CalibrationSource, ExportSpec, InputSpec, get_backend
 from export.data import DataSource, calibration_source, data_source
 from export.errors import ExportError
-from rrd_fast.atomic import write_json_atomic
-from rrd_fast.checkpoint import read_model_checkpoint, sha256_file
+from rrd_fast.checkpoint import SIDECAR_NAME, ModelCard, read_model_checkpoint, sha256_file
 
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 8, 64, 256)
 DEFAULT_CALIB_SAMPLES = 512
@@ -75,6 +74,7 @@ def export_model(
     Files are built in a staging folder and moved into `out` only once the backend is done,
     and the old sidecar is removed first, so an interrupted export never looks valid.
     """
+    meta = ModelCard.from_dict(meta, Path(source_dir) / SIDECAR_NAME).to_dict()
     backend = get_backend(backend_name)
     backend.check(precision, device)
     dynamic = backend.dynamic_by_default if dynamic is None else dynamic
@@ -89,8 +89,7 @@ def export_model(
         input=InputSpec(int(meta["in_channels"]), int(meta["image_size"]), int(meta["image_size"])),
         dynamic=dynamic, source_meta=meta, calibration=calibration,
     )
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out_folder(out)
     (out / ARTIFACT_SIDECAR).unlink(missing_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     try:
@@ -131,11 +130,11 @@ def export_model(
         "files": entries,
         "versions": {**runtime_versions(), **backend.versions()},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "built_by": BuiltBy.here().to_dict(),
     }
     if calibration_info:
         sidecar["calibration"] = calibration_info
-    write_json_atomic(out / ARTIFACT_SIDECAR, sidecar)
-    return sidecar
+    return write_artifact_sidecar(out, sidecar)
 
 
 def export_checkpoint(

@@ -19,6 +19,10 @@ that fixes it.
 - Saved with `torch_tensorrt.save(..., output_format="exported_program")`, reloaded
   with `torch.export.load(path).module()` after importing torch_tensorrt (which registers
   the engine-execution op).
+
+A serialised TensorRT engine is executable GPU code and can name plugin libraries that
+TensorRT loads with it, so loading an engine runs native code: the loader refuses folders
+other users can write unless they are trusted (see `export.artifact`).
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ class TensorRTBackend(Backend):
     precisions = {"fp32": ("cuda",), "fp16": ("cuda",), "int8": ("cuda",)}
     dynamic_by_default = False
     device_specific = True
+    loads_native_code = True
 
     def missing(self) -> str | None:
         return _import_problem()

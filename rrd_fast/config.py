@@ -328,6 +328,8 @@ class TrainConfig:
     progress: bool = field(default=True, metadata=meta("", "progress bars and run info lines on the main process"))
     save_every: int = field(default=1, metadata=meta(">0", (
         "write the resume checkpoint every N epochs (init-stage epochs included), and always after the last")))
+    save_every_steps: int = field(default=0, metadata=meta(">=0", (
+        "also write a mid-epoch resume checkpoint every N steps (0: only at epoch ends and on SIGTERM/SIGINT)")))
     threads: int = field(default=0, metadata=meta(">=0", (
         "torch CPU threads per process; 0: the cores this process may run on divided by the processes on this "
         "machine (LOCAL_WORLD_SIZE), at least 1")))

@@ -67,9 +67,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from rrd_fast.trainer import Trainer  # after argument errors, so `--help` stays fast
 
+    from rrd_fast.trainer import TrainingStopped
+
     trainer = Trainer(cfg, resume=args.resume is not None, rebuild_cache=args.rebuild_cache, overwrite=args.overwrite)
     try:
         summary = trainer.fit()
+    except TrainingStopped as stop:
+        if trainer.accelerator.is_main_process:
+            print(f"{cfg.name}: {stop}", file=sys.stderr, flush=True)
+        return stop.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this epoch was written
+        last = trainer.state.epoch
+        print(f"{cfg.name}: interrupted in epoch {last + 1}; the last checkpoint is at the end of epoch {last}: "
+              f"resume with: python rrd_fast/train.py --resume {cfg.run_dir}", file=sys.stderr, flush=True)
+        return 130
     finally:
         trainer.close()
     if trainer.accelerator.is_main_process:

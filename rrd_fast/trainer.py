@@ -11,7 +11,10 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,12 +147,23 @@ class TrainState:
     best_top1: float = -1.0
     best_epoch: int = -1  # main-stage epoch (0-based)
     history: list[dict[str, Any]] = field(default_factory=list)
+    step_in_epoch: int = 0  # >0: a mid-epoch checkpoint; the epoch resumes at this batch
+    partial: dict[str, Any] | None = None  # the interrupted epoch's running sums, so its record is exact
+
+
+class TrainingStopped(Exception):
+    """SIGTERM/SIGINT: the step finished, a mid-epoch resume state was written, the run exits."""
+
+    def __init__(self, signum: int, epoch: int, step: int, run_dir: Path) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} in epoch {epoch + 1} after step {step}; "
+                         f"resume with: python rrd_fast/train.py --resume {run_dir}")
+        self.exit_code = 128 + signum
 
 
 # Settings that cannot change the trajectory up to the point where a run stopped; anything else
 # differing on --resume would silently make a run that is neither the old one nor a new one.
-RESUME_MAY_CHANGE = ("name", "output_dir", "optim.epochs", "train.progress", "train.save_every", "train.log_with",
-                     "train.threads", "teacher.cache_verify")
+RESUME_MAY_CHANGE = ("name", "output_dir", "optim.epochs", "train.progress", "train.save_every", "train.save_every_steps",
+                     "train.log_with", "train.threads", "teacher.cache_verify")
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -191,6 +205,7 @@ class Trainer:
         else:
             self._check_resume_config(device)
         self.lock = None
+        self._stop_signal: int | None = None
         warn_if_emulated(acc.device, cfg.train.mixed_precision)
         cfg.train.threads = resolve_threads(cfg)  # the same under every launcher; saved in config.yaml
         torch.manual_seed(cfg.seed)
@@ -347,6 +362,8 @@ class Trainer:
             "best_top1": self.state.best_top1,
             "best_epoch": self.state.best_epoch,
             "history_json": json.dumps(self.state.history),
+            "step_in_epoch": self.state.step_in_epoch,
+            "partial_json": json.dumps(self.state.partial),
             "teacher_meta_json": json.dumps(self.teacher_meta),
             "fingerprints_json": json.dumps(self.fingerprints),
             "torch_rng": torch.get_rng_state(),
@@ -397,7 +414,8 @@ class Trainer:
         if self.accelerator.scaler is not None and payload["scaler"]:
             self.accelerator.scaler.load_state_dict(payload["scaler"])
         self.state = TrainState(int(payload["epoch"]), int(payload["global_step"]), float(payload["best_top1"]),
-                                int(payload["best_epoch"]), json.loads(payload["history_json"]))
+                                int(payload["best_epoch"]), json.loads(payload["history_json"]),
+                                int(payload.get("step_in_epoch", 0)), json.loads(payload.get("partial_json", "null")))
         torch.set_rng_state(payload["torch_rng"].cpu())
         saved_teacher = json.loads(payload.get("teacher_meta_json", "null"))
         if saved_teacher and self.teacher_meta is not None and "top1" in saved_teacher:
@@ -405,8 +423,54 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
+        total = self.init_epochs + self.cfg.optim.epochs
+        previous = self._install_signal_handlers()
+        try:
+            self._fit_epochs(total)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        summary = self.summary()
+        if self.accelerator.is_main_process:
+            write_json_atomic(self.run_dir / "summary.json", summary)
+            from rrd_fast.plot import write_curves  # matplotlib is imported only when a run ends
+
+            write_curves(self.run_dir)
+        self.close()
+        return summary
+
+    def request_stop(self, signum: int = signal.SIGTERM, frame: Any = None) -> None:
+        """Signal handler: finish the current step, checkpoint mid-epoch, then stop (a second SIGINT interrupts)."""
+        if self._stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+
+    def _should_pause(self, done_steps: int) -> bool:
+        """Checkpoint after this step? Every rank must agree, so with several processes the stop flag is
+        all-reduced, every 10 steps to keep host syncs rare."""
+        every = self.cfg.train.save_every_steps
+        periodic = every > 0 and self.state.global_step % every == 0
+        if self.accelerator.num_processes > 1 and done_steps % 10 and not periodic:
+            return False
+        return periodic or bool(self._stop_agreed())
+
+    def _stop_agreed(self) -> int:
+        """The stop signal every rank has seen (0: none); with several processes, all-reduced."""
+        if self.accelerator.num_processes == 1:
+            return self._stop_signal or 0
+        flag = torch.tensor(float(self._stop_signal or 0), device=self.accelerator.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self._stop_signal = int(flag.item()) or None
+        return self._stop_signal or 0
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """Route SIGTERM/SIGINT to `request_stop` for the duration of `fit`; returns the handlers to restore."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {signum: signal.signal(signum, self.request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    def _fit_epochs(self, total: int) -> None:
         cfg, acc = self.cfg, self.accelerator
-        total = self.init_epochs + cfg.optim.epochs
         began, first = time.perf_counter(), self.state.epoch
         while self.state.epoch < total:
             epoch = self.state.epoch
@@ -431,17 +495,12 @@ class Trainer:
                     elapsed = time.perf_counter() - began
                     print(epoch_line(record, self.state, total_main=cfg.optim.epochs, total_init=self.init_epochs,
                                      elapsed=elapsed, eta=elapsed / done * (total - self.state.epoch)), flush=True)
-            if self.state.epoch % cfg.train.save_every == 0 or self.state.epoch == total:
+            stop = self._stop_agreed()
+            if self.state.epoch % cfg.train.save_every == 0 or self.state.epoch == total or stop:
                 self._save_resume()
             acc.wait_for_everyone()
-        summary = self.summary()
-        if acc.is_main_process:
-            write_json_atomic(self.run_dir / "summary.json", summary)
-            from rrd_fast.plot import write_curves  # matplotlib is imported only when a run ends
-
-            write_curves(self.run_dir)
-        self.close()
-        return summary
+            if stop and self.state.epoch < total:
+                raise TrainingStopped(stop, self.state.epoch - 1, len(self.data.train), self.run_dir)
 
     def close(self) -> None:
         """Close the trackers and release the run folder (fit does this at its end)."""
@@ -525,14 +584,15 @@ class Trainer:
         self._set_modes(init)
         pipe = self.data.train
         steps = len(pipe)
-        sums = torch.zeros(len(names), device=acc.device, dtype=torch.float64)
-        correct = torch.zeros((), device=acc.device, dtype=torch.long)
+        first, partial = self.state.step_in_epoch, self.state.partial or {}
+        sums = torch.tensor(partial.get("sums", [0.0] * len(names)), device=acc.device, dtype=torch.float64)
+        correct = torch.tensor(int(partial.get("correct", 0)), device=acc.device, dtype=torch.long)
         pending: list[torch.Tensor] = []
-        seen = 0
-        bar = tqdm(total=steps, desc=desc, disable=not (cfg.train.progress and acc.is_local_main_process),
-                   leave=False, dynamic_ncols=True)
-        start = time.perf_counter()
-        for step, batch in enumerate(pipe.epoch(epoch)):
+        seen = int(partial.get("seen", 0))
+        bar = tqdm(total=steps, initial=first, desc=desc,
+                   disable=not (cfg.train.progress and acc.is_local_main_process), leave=False, dynamic_ncols=True)
+        start = time.perf_counter() - float(partial.get("elapsed", 0.0))
+        for step, batch in enumerate(pipe.epoch(epoch, first), start=first):
             images = batch.images.contiguous(memory_format=self.memory_format)
             logits, losses = step_fn(batch, images)
             values = torch.stack([losses[n].detach().double() for n in names])
@@ -549,7 +609,16 @@ class Trainer:
                 elapsed = time.perf_counter() - start
                 bar.set_postfix(loss=f"{float(sums.sum()) / (step + 1):.4f}", img_s=f"{seen * acc.num_processes / elapsed:.0f}")
             bar.update(1)
+            if step + 1 < steps and self._should_pause(step + 1):
+                self.state.step_in_epoch = step + 1
+                self.state.partial = {"sums": sums.tolist(), "correct": int(correct), "seen": seen,
+                                      "elapsed": time.perf_counter() - start}
+                self._save_resume()
+                if self._stop_signal is not None:
+                    bar.close()
+                    raise TrainingStopped(self._stop_signal, epoch, step + 1, self.run_dir)
         bar.close()
+        self.state.step_in_epoch, self.state.partial = 0, None
         if init:
             for param, flag in zip(self.init.params, flags):
                 param.requires_grad_(flag)

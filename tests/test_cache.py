@@ -357,3 +357,94 @@ def test_cuda_cache_serves_prefetched_rows_on_device(env, tmp_path):
         torch.testing.assert_close(out.logits, ref.logits, rtol=2e-3, atol=2e-3)
         torch.testing.assert_close(out.pooled, ref.pooled, rtol=2e-3, atol=2e-3)
     teacher.close()
+
+
+# -- manifest schema (CacheSpec) -------------------------------------------------------------
+
+def _tiny_cache(folder: Path) -> dict:
+    """A real 2-shard cache (6 samples, 1 view) written by the shard writer, without a teacher run."""
+    from rrd_fast.cache.manifest import CACHE_FORMAT, write_manifest
+    from rrd_fast.cache.shards import plan_shards, write_shard
+
+    manifest = {"key": {"format": CACHE_FORMAT, "dtype": "fp32"}, "fields": ["logits"], "tensors": {"logits": [3]},
+                "layout": {"num_samples": 6, "views": 1, "samples_per_shard": 4}, "shards": {}, "complete": True}
+    for i, part in enumerate(plan_shards(6, 1, 4)):
+        rows = part["stop"] - part["start"]
+        entry = write_shard(folder / part["name"], {"logits": torch.arange(rows * 3.0).view(rows, 3)}, i)
+        manifest["shards"][part["name"]] = {"view": 0, "start": part["start"], "stop": part["stop"], **entry}
+    write_manifest(folder, manifest)
+    return manifest
+
+
+def _shard0(m: dict) -> dict:
+    return m["shards"]["view-0000.rows-00000000.safetensors"]
+
+
+@pytest.mark.parametrize("change, field", [
+    pytest.param(lambda m: m.update(shards="x"), "'shards' is 'x' (str)", id="shards-str"),
+    pytest.param(lambda m: m["layout"].update(num_samples=10**15), "'layout.num_samples' is 1000000000000000",
+                 id="num-samples-huge"),
+    pytest.param(lambda m: m["layout"].update(num_samples="6"), "'layout.num_samples' is '6' (str)", id="num-samples-str"),
+    pytest.param(lambda m: m["layout"].update(samples_per_shard=1, num_samples=10**8),
+                 "'layout.samples_per_shard' is 1", id="too-many-shards"),
+    pytest.param(lambda m: m.update(complete="yes"), "'complete' is 'yes' (str), expected true or false", id="complete-str"),
+    pytest.param(lambda m: m.update(complete=1), "'complete' is 1 (int)", id="complete-int"),
+    pytest.param(lambda m: m.pop("complete"), "'complete' is missing", id="complete-missing"),
+    pytest.param(lambda m: m["key"].update(dtype="fp64"), "'key.dtype' is 'fp64'", id="dtype"),
+    pytest.param(lambda m: m.update(fields="logits"), "'fields' is 'logits' (str)", id="fields-str"),
+    pytest.param(lambda m: m.update(tensors={"logits": [-3]}), "'tensors.logits' is [-3] (list)", id="tensor-shape"),
+    pytest.param(lambda m: m["shards"].update({"../../etc/passwd": m["shards"].pop(next(iter(m["shards"])))}),
+                 "'shards.../../etc/passwd'", id="shard-name"),
+    pytest.param(lambda m: _shard0(m).update(stop="4"), "'shards.view-0000.rows-00000000.safetensors.stop' is '4'",
+                 id="shard-stop-str"),
+    pytest.param(lambda m: _shard0(m).update(stop=6), ".stop' is 6 (int), expected a row range of 1..4 rows",
+                 id="shard-range"),
+    pytest.param(lambda m: _shard0(m).update(sha256=None), ".sha256' is None", id="shard-sha"),
+])
+def test_bad_manifest_is_one_line_naming_the_field(tmp_path, capsys, change, field):
+    manifest = _tiny_cache(tmp_path)
+    assert run_cli(lambda: cache_main(["verify", str(tmp_path)])) == 0
+    capsys.readouterr()
+    change(manifest)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert run_cli(lambda: cache_main(["verify", str(tmp_path)])) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'manifest.json'}: field " in err and field in err, err
+    assert "--rebuild-cache" in err
+    with pytest.raises(CacheError, match="field"):  # a manifest handed over in memory is validated as well
+        CacheReader(tmp_path, manifest)
+
+
+def test_manifest_shard_not_matching_its_planned_rows_is_refused(tmp_path):
+    manifest = _tiny_cache(tmp_path)
+    second = manifest["shards"]["view-0000.rows-00000004.safetensors"]
+    second["start"], second["stop"] = 0, 2
+    with pytest.raises(CacheError, match=r"rows-00000004\.safetensors records view 0 rows 0\.\.2, the layout plans "
+                                         r"view 0 rows 4\.\.6"):
+        CacheReader(tmp_path, manifest)
+
+
+def test_valid_manifest_round_trips_through_cache_spec(fp32_cache):
+    from rrd_fast.cache.manifest import CacheSpec
+
+    raw = json.loads((fp32_cache / "manifest.json").read_text())
+    spec = CacheSpec.from_dict(raw)
+    assert spec.to_dict() == raw and read_manifest(fp32_cache) == raw
+    assert spec.layout.num_samples == N_TRAIN and spec.layout.views == 2 and spec.complete and spec.dtype == "fp32"
+
+
+def test_build_leaves_no_lock_file_and_the_lock_still_excludes(fp32_cache, tmp_path):
+    from rrd_fast.cache.builder import LOCK_NAME, _build_lock
+
+    assert read_manifest(fp32_cache)["complete"] and not (fp32_cache / LOCK_NAME).exists()  # after a real build
+    folder = tmp_path / "cache"
+    with _build_lock(folder):
+        assert (folder / LOCK_NAME).is_file()
+        with pytest.raises(CacheError, match="another process is building"):
+            with _build_lock(folder):
+                pass
+    assert not (folder / LOCK_NAME).exists()
+    (folder / LOCK_NAME).touch()  # left by a killed builder: taken over, then removed
+    with _build_lock(folder):
+        pass
+    assert sorted(os.listdir(folder)) == []

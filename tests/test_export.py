@@ -195,7 +195,7 @@ def test_bench_accuracy_equals_independent_top1(bench: Path, student: Path) -> N
 
 
 def _md_rows(md: str) -> list[list[str]]:
-    lines = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| student")]
+    lines = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| run ")]
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines]
 
 
@@ -206,7 +206,7 @@ def test_table_and_png_numbers_come_from_json(bench: Path, tmp_path: Path) -> No
     assert len(rows) == len(report["results"])
     for md_row, row in zip(rows, report["results"]):
         assert md_row == [cell(row, key) for _, key in COLUMNS]
-        assert md_row[5] == f"{row['latency']['p50_ms']:.3f}" and md_row[10] == f"{row['top1']:.2f}"
+        assert md_row[5] == f"{row['latency']['p50_ms']:.3f}" and md_row[11] == f"{row['top1']:.2f}"
     # Edit the JSON: the re-rendered table and plot follow it.
     report["results"][0]["top1"] = 12.345
     report["results"][0]["latency"]["p50_ms"] = 9.8765
@@ -214,7 +214,7 @@ def test_table_and_png_numbers_come_from_json(bench: Path, tmp_path: Path) -> No
     edited.write_text(json.dumps(report))
     md_path, png_path = write_reports(edited)
     first = _md_rows(md_path.read_text())[0]
-    assert first[5] == "9.877" and first[10] == "12.35"
+    assert first[5] == "9.877" and first[11] == "12.35"
     assert png_path.stat().st_size > 10_000
     fig = render_png(report, tmp_path / "again.png")
     plotted = set()
@@ -222,7 +222,8 @@ def test_table_and_png_numbers_come_from_json(bench: Path, tmp_path: Path) -> No
         for coll in ax.collections:
             plotted |= {(round(float(a), 6), round(float(b), 6)) for a, b in coll.get_offsets()}
         labels = {t.get_text() for t in ax.texts}
-        assert labels and all(re.fullmatch(r"resnet8/kd/(eager|onnxruntime|aotinductor)", t) for t in labels)
+        assert labels and all(re.fullmatch(r"student \(kd\) (eager|onnxruntime|aotinductor)( \[noisy, p90/p50 [0-9.]+\])?", t)
+                              for t in labels)
     expected = {(round(r["latency"]["p50_ms"], 6), round(r["top1"], 6)) for r in report["results"]}
     assert plotted == expected
 
@@ -484,3 +485,258 @@ def test_tensorrt_without_torch_tensorrt_says_what_is_missing(student: Path, tmp
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "cannot import torch_tensorrt" in proc.stderr
     assert "pip install 'rrd-fast[tensorrt]'" in proc.stderr and "pypi.nvidia.com" in proc.stderr
+
+
+# -- artifact.json schema, provenance and trust ----------------------------------------------
+
+def test_artifact_card_round_trip_records_who_built_it(bench: Path) -> None:
+    import datetime as dt
+    import getpass
+    import os
+    import socket
+
+    from export.artifact import ArtifactCard
+
+    for backend in ("eager", "onnxruntime", "aotinductor"):
+        raw = json.loads((_artifact_dir(bench, backend) / "artifact.json").read_text())
+        card = ArtifactCard.from_dict(raw)
+        assert card.to_dict() == raw and card.backend == backend
+        built = raw["built_by"]
+        assert built["host"] == socket.gethostname() and built["user"] == getpass.getuser()
+        assert built["uid"] == os.getuid()
+        when = dt.datetime.fromisoformat(built["time"])
+        assert abs((dt.datetime.now(dt.timezone.utc) - when).total_seconds()) < 3600
+
+
+def _edit_sidecar(folder: Path, change) -> None:
+    meta = json.loads((folder / "artifact.json").read_text())
+    change(meta)
+    (folder / "artifact.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda m: m.update(batch_sizes="x"), "'batch_sizes' is 'x' (str)"),
+    (lambda m: m.update(batch_sizes=[0]), "'batch_sizes' is [0] (list)"),
+    (lambda m: m.update(dynamic_batch="yes"), "'dynamic_batch' is 'yes' (str), expected true or false"),
+    (lambda m: m.update(precision="fp64"), "'precision' is 'fp64' (str)"),
+    (lambda m: m.update(device="tpu"), "'device' is 'tpu' (str), expected cpu or cuda"),
+    (lambda m: m.update(files="model.onnx"), "'files' is 'model.onnx' (str)"),
+    (lambda m: m["files"][0].update(name="../model.onnx"), "'files[0].name' is '../model.onnx' (str)"),
+    (lambda m: m["files"][0].update(sha256=1), "'files[0].sha256' is 1 (int)"),
+    (lambda m: m["files"][0].update(batch_size="1"), "'files[0].batch_size' is '1' (str)"),
+    (lambda m: m["input"].update(dtype="float64"), "'input.dtype' is 'float64' (str)"),
+    (lambda m: m["input"].update(shape=["batch", 1, 28]), "'input.shape' is ['batch', 1, 28] (list)"),
+    (lambda m: m["input"].update(shape=["batch", 1, 10**6, 28]), "'input.shape' is ['batch', 1, 1000000, 28]"),
+    (lambda m: m["output"].update(shape=["batch", 10**9]), "'output.shape' is ['batch', 1000000000] (list)"),
+    (lambda m: m.update(source=None), "'source' is None"),
+    (lambda m: m["built_by"].update(user=5), "'built_by.user' is 5 (int)"),
+    (lambda m: m.pop("backend"), "'backend' is missing"),
+])
+def test_bad_artifact_sidecar_field_is_one_line(bench: Path, tmp_path: Path, change, field: str) -> None:
+    folder = _copy(_artifact_dir(bench, "onnxruntime"), tmp_path / "ort")
+    _edit_sidecar(folder, change)
+    with pytest.raises(ExportError) as info:
+        load_artifact(folder)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{folder / 'artifact.json'}: field ") and field in message, message
+
+
+def test_out_that_is_a_file_is_one_line(student: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from export.__main__ import main as export_main
+
+    target = tmp_path / "taken"
+    target.write_text("not a folder")
+    for out, needle in ((target, f"--out {target}: is a file"),
+                        (target / "sub", f"--out {target / 'sub'}: cannot be created inside {target}, which is a file")):
+        assert run_cli(lambda: export_main([str(student), "--backend", "eager", "--out", str(out)])) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
+        assert run_cli(lambda: bench_main([str(student), "--backends", "eager", "--out", str(out)])) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
+    assert target.read_text() == "not a folder"
+
+
+def test_export_leaves_the_folder_writable_by_its_owner_only(student: Path, tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o002)  # group-writable by default, as on many desktops
+    try:
+        export_checkpoint(student, "eager", tmp_path / "e", batch_sizes=(1,))
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "e", *(tmp_path / "e").iterdir()):
+        assert path.stat().st_mode & 0o022 == 0, (path, oct(path.stat().st_mode))
+
+
+def _writable_by_others(path: Path, bits: int) -> None:
+    path.chmod(path.stat().st_mode | bits)
+
+
+def test_native_code_artifact_writable_by_others_is_refused_unless_trusted(bench: Path, student: Path,
+                                                                            tmp_path: Path) -> None:
+    folder = _copy(_artifact_dir(bench, "aotinductor"), tmp_path / "aoti")
+    _writable_by_others(folder, 0o020)
+    with pytest.raises(ExportError) as info:
+        load_artifact(folder)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{folder}: refusing to load this aotinductor artifact")
+    assert "is group-writable (mode 0o775)" in message and "--trust-artifact" in message
+    folder.chmod(0o755)
+    _writable_by_others(folder / "model.pt2", 0o002)
+    with pytest.raises(ExportError, match=r"model\.pt2: refusing to load .* is world-writable \(mode 0o646\)"):
+        load_artifact(folder)
+    x = torch.from_numpy(_eval_images(student)[0][:2])
+    model, _ = read_model_checkpoint(student)
+    with torch.no_grad():
+        assert (load_artifact(folder, trust=True)(x) - model(x)).abs().max().item() <= 1e-4
+    # ONNX files and eager checkpoints run no code from the folder: loaded whoever can write it.
+    for backend in ("onnxruntime", "eager"):
+        other = _copy(_artifact_dir(bench, backend), tmp_path / backend)
+        _writable_by_others(other, 0o022)
+        assert load_artifact(other)(x).shape == (2, 10)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() != 0,
+                    reason="giving a file to another user needs root")
+def test_native_code_artifact_owned_by_another_user_is_refused(bench: Path, tmp_path: Path) -> None:
+    import os
+
+    folder = _copy(_artifact_dir(bench, "aotinductor"), tmp_path / "aoti")
+    os.chown(folder / "model.pt2", 12345, -1)
+    with pytest.raises(ExportError, match=r"model\.pt2: refusing to load .* is owned by uid 12345, not by you"):
+        load_artifact(folder)
+
+
+def test_bench_refuses_an_artifact_others_can_write_unless_trusted(bench: Path, student: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.copytree(bench / "artifacts", tmp_path / "artifacts")
+    (folder,) = [p.parent for p in (tmp_path / "artifacts").glob("*/aotinductor-fp32-cpu/artifact.json")]
+    _writable_by_others(folder, 0o002)
+    args = [str(student), "--backends", "aotinductor", "--batch-sizes", "1", "--warmup", "0", "--iters", "1",
+            "--eval-limit", "8", "--out", str(tmp_path)]
+    assert run_cli(lambda: bench_main(args)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{folder}: refusing to load this aotinductor artifact" in err
+    assert "world-writable" in err and not (tmp_path / "bench.json").exists()
+    assert run_cli(lambda: bench_main([*args, "--trust-artifact"])) == 0
+    assert "exported" not in capsys.readouterr().out  # the trusted artifact itself ran, not a fresh export
+    assert json.loads((tmp_path / "bench.json").read_text())["results"][0]["backend"] == "aotinductor"
+
+
+def test_export_help_says_what_to_trust() -> None:
+    from export.__main__ import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "Trusting exported artifacts" in text and "shared library" in text and "--trust-artifact" in text
+    assert "ONNX files and eager checkpoints hold no code" in text
+
+
+# -- latency and throughput agree; noisy points are flagged; labels name run and method ------
+
+def test_throughput_is_batch_over_median_latency() -> None:
+    from export.timing import NOISY_RATIO, summarize
+
+    # One stalled call among ten: the median ignores it, so img/s follows p50 (a mean would not).
+    lat = summarize([2.0] * 9 + [200.0], batch_size=8, warmup=0, timer="perf_counter")
+    assert lat.p50_ms == 2.0 and lat.throughput_ips == pytest.approx(8 * 1000.0 / 2.0)
+    assert lat.p90_over_p50 == pytest.approx(lat.p90_ms / 2.0) and lat.p90_over_p50 > NOISY_RATIO and lat.noisy
+    steady = summarize([2.0, 2.1, 2.0, 1.9, 2.2], batch_size=1, warmup=0, timer="perf_counter")
+    assert not steady.noisy and steady.p90_over_p50 < NOISY_RATIO
+    real = measure(lambda x: x.sum(), torch.zeros(4, 1000), warmup=1, iters=5)
+    assert real.throughput_ips == pytest.approx(4 * 1000.0 / real.p50_ms)
+
+
+def test_bench_rows_state_consistent_throughput(bench: Path) -> None:
+    report = json.loads((bench / "bench.json").read_text())
+    md = (bench / "bench.md").read_text()
+    assert "batch / p50" in md and "p90 / p50" in md  # the header says how each figure is measured
+    for row in report["results"]:
+        lat = row["latency"]
+        assert lat["throughput_ips"] == pytest.approx(row["batch_size"] * 1000.0 / lat["p50_ms"])
+        assert lat["noisy"] == (lat["p90_over_p50"] > 1.5)
+
+
+def _report_with(bench: Path, run_name: str, noisy_index: int) -> dict:
+    """The fixture's report with one long run name and one point made noisy (p90 = 3 × p50)."""
+    report = json.loads((bench / "bench.json").read_text())
+    for i, row in enumerate(report["results"]):
+        row["student"] = run_name
+        row["label"] = f"{run_name} ({row['method']}) {row['backend']}"
+        lat = row["latency"]
+        lat["p90_ms"] = lat["p50_ms"] * (3.0 if i == noisy_index else 1.1)
+        lat["p90_over_p50"], lat["noisy"] = lat["p90_ms"] / lat["p50_ms"], i == noisy_index
+    return report
+
+
+def test_noisy_points_are_flagged_in_table_and_plot(bench: Path, tmp_path: Path) -> None:
+    report = _report_with(bench, "resnet8_rrd_seed0", noisy_index=1)
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(report))
+    md_path, png_path = write_reports(path)
+    rows = _md_rows(md_path.read_text())
+    spreads = [r[8] for r in rows]
+    assert spreads[1] == "3.00 noisy" and all(not s.endswith("noisy") for i, s in enumerate(spreads) if i != 1)
+    fig = render_png(report, tmp_path / "again.png")
+    texts = [t for ax in fig.axes for t in ax.texts]
+    flagged = [t.get_text() for t in texts if "[noisy" in t.get_text()]
+    assert flagged == [report["results"][1]["label"] + " [noisy, p90/p50 3.0]"]
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "noisy: p90/p50 > 1.5" in legend and "whisker: p50 to p90" in legend
+
+
+def test_png_labels_name_run_and_method_and_are_not_clipped(bench: Path, tmp_path: Path) -> None:
+    import matplotlib.image
+
+    # One panel and a very long run name: more than tight_layout can make room for.
+    long_name = "resnet32x4_resnet8x4_rrd_kd_seed0_" + "_".join(["a_very_long_run_folder_name"] * 3)
+    report = _report_with(bench, long_name, noisy_index=0)
+    report["results"] = [r for r in report["results"] if r["batch_size"] == 4]
+    png = tmp_path / "long.png"
+    fig = render_png(report, png)
+    labels = {t.get_text() for ax in fig.axes for t in ax.texts}
+    assert all(t.startswith(f"{long_name} (kd) ") for t in labels)
+    img = matplotlib.image.imread(png)[..., :3]
+    border = np.concatenate([img[:4].reshape(-1, 3), img[-4:].reshape(-1, 3),
+                             img[:, :4].reshape(-1, 3), img[:, -4:].reshape(-1, 3)])
+    assert border.min() > 0.98, "something is drawn up to the image edge: a label or legend was cut off"
+
+
+def test_runs_are_labelled_by_run_folder(student: Path, tmp_path: Path) -> None:
+    """Two students whose folders share a name are told apart by their parents, not by #0/#1."""
+    a, b = tmp_path / "seed0" / "rrd_kd", tmp_path / "seed1" / "rrd_kd"
+    shutil.copytree(student, a)
+    shutil.copytree(student, b)
+    out = tmp_path / "out"
+    code = run_cli(lambda: bench_main([str(a), str(b), "--backends", "eager", "--batch-sizes", "1", "--warmup", "0",
+                                       "--iters", "2", "--eval-limit", "8", "--out", str(out)]))
+    assert code == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert [r["label"] for r in report["results"]] == ["seed0/rrd_kd (kd) eager", "seed1/rrd_kd (kd) eager"]
+    assert [s["student"] for s in report["students"]] == ["seed0/rrd_kd", "seed1/rrd_kd"]
+
+
+def test_onnx_export_is_quiet_about_torchvision(student: Path, tmp_path: Path) -> None:
+    """torch.onnx warns once per torchvision op when torchvision is absent; none of those reach the user."""
+    import logging
+    import warnings
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    keep = Keep()
+    loggers = [logging.getLogger("torch.onnx._internal.exporter._registration"), logging.getLogger()]
+    for logger in loggers:
+        logger.addHandler(keep)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            export_checkpoint(student, "onnxruntime", tmp_path / "ort", batch_sizes=(1,), dynamic=False)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(keep)
+    assert not [r.getMessage() for r in records if "torchvision" in r.getMessage()]
+    assert not [str(w.message) for w in caught if "torchvision" in str(w.message) or "LeafSpec" in str(w.message)]

@@ -285,3 +285,60 @@ def test_resume_refuses_a_changed_run_and_changed_inputs(fmnist: Path, teacher_d
     shutil.copytree(teacher_dir, teacher)
     assert _cli(["--resume", str(run), "optim.epochs=2"], capsys)[0] == 0
     assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["epochs"] == 2
+
+
+@pytest.mark.parametrize("stop_after", [1, 3, 4])
+def test_a_stop_mid_epoch_resumes_bit_identically(fmnist: Path, teacher_dir: Path, tmp_path: Path, stop_after: int,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """128 samples at batch 32: 4 steps an epoch; stops after steps 1, 3 and 4 (the last one at the epoch's end)."""
+    import signal
+
+    from rrd_fast.trainer import TrainingStopped
+
+    common = rrd_kd_args(teacher_dir) + ["optim.epochs=2", "optim.milestones=[1]", "data.train_limit=128"]
+    full = Trainer(load_config(None, base_args(fmnist, tmp_path, "whole") + common))
+    full.fit()
+    cfg = load_config(None, base_args(fmnist, tmp_path, "stopped") + common)
+    stopped = Trainer(cfg)
+    original = Trainer._main_step
+
+    def signal_after(self: Trainer, batch, images):  # as SIGTERM arriving during the step
+        out = original(self, batch, images)
+        if self.state.global_step + 1 == stop_after:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(Trainer, "_main_step", signal_after)
+    with pytest.raises(TrainingStopped) as stop:
+        stopped.fit()
+    monkeypatch.setattr(Trainer, "_main_step", original)
+    assert stop.value.exit_code == 128 + signal.SIGTERM and "--resume" in str(stop.value)
+    assert signal.getsignal(signal.SIGTERM) is not stopped.request_stop  # handlers restored
+    resumed = Trainer(load_config(cfg.run_dir / "config.yaml"), resume=True)
+    assert (resumed.state.epoch, resumed.state.step_in_epoch) == divmod(stop_after, 4)
+    resumed.fit()
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "stopped")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(full.unwrapped.objective.terms["rrd"].queue, resumed.unwrapped.objective.terms["rrd"].queue)
+    whole = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    split = [json.loads(x) for x in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in whole] == [r["loss"] for r in split]
+
+
+def test_sigterm_from_outside_checkpoints_and_exits_143(fmnist: Path, tmp_path: Path) -> None:
+    import signal
+
+    args = base_args(fmnist, tmp_path, "term") + ["optim.epochs=50", "train.progress=true"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "rrd_fast" / "train.py"), *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "RRD_FAST_NO_MALLOC_TUNING": "1"})
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("epoch 1/50"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "SIGTERM" in err and f"--resume {tmp_path / 'term'}" in err
+    payload = torch.load(tmp_path / "term" / "resume" / "state.pt", weights_only=True)
+    assert payload["epoch"] >= 1 and payload["epoch"] < 50

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from rrd_fast.atomic import atomic_path
-from rrd_fast.cache.manifest import CACHE_FORMAT, CacheError
+from rrd_fast.cache.manifest import CACHE_FORMAT, MANIFEST_NAME, CacheError, CacheSpec
 
 # cache dtype name -> (torch dtype, numpy dtype used to read the raw bytes, safetensors dtype tag)
 DTYPES: dict[str, tuple[torch.dtype, np.dtype, str]] = {
@@ -105,7 +105,12 @@ class ShardFile:
                 if not isinstance(info, dict) or info.get("dtype") != tag or info.get("shape") != want:
                     raise CacheError(f"{path}: tensor {name!r} is {info and (info.get('dtype'), info.get('shape'))}, "
                                      f"manifest expects ({tag}, {want}); rebuild with --rebuild-cache")
-                begin, end = info["data_offsets"]
+                offsets = info.get("data_offsets")
+                if not isinstance(offsets, list) or len(offsets) != 2 or not all(
+                        isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets):
+                    raise CacheError(f"{path}: tensor {name!r} has data_offsets {offsets!r}, expected [begin, end]; "
+                                     "rebuild with --rebuild-cache")
+                begin, end = offsets
                 count = int(np.prod(want))
                 if end - begin != count * np_dtype.itemsize or data_start + end > len(self._map):
                     raise CacheError(f"{path}: tensor {name!r} has a bad data range; rebuild with --rebuild-cache")
@@ -125,6 +130,8 @@ class ShardFile:
             header = json.loads(self._map[8 : 8 + length])
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CacheError(f"{self.path}: safetensors header is not valid JSON") from None
+        if not isinstance(header, dict):
+            raise CacheError(f"{self.path}: safetensors header is {type(header).__name__}, expected an object")
         return header, 8 + length
 
     def close(self) -> None:
@@ -145,23 +152,27 @@ class CacheReader:
 
     def __init__(self, cache_dir: str | Path, manifest: dict[str, Any], verify: bool = True, max_views: int = 1) -> None:
         self.dir = Path(cache_dir)
-        self.manifest = manifest
+        spec = CacheSpec.from_dict(manifest, self.dir / MANIFEST_NAME)  # callers may hand in a manifest built in memory
+        self.manifest = spec.to_dict()
         self.verify = verify
         self.max_views = max_views
-        layout = manifest["layout"]
-        self.num_samples = int(layout["num_samples"])
-        self.views = int(layout["views"])
-        self.per_shard = int(layout["samples_per_shard"])
-        self.dtype = manifest["key"]["dtype"]
-        self.tensors: dict[str, list[int]] = manifest["tensors"]
+        self.num_samples = spec.layout.num_samples
+        self.views = spec.layout.views
+        self.per_shard = spec.layout.samples_per_shard
+        self.dtype = spec.dtype
+        self.tensors: dict[str, list[int]] = spec.tensors
         self._verified: set[str] = set()
         self._open: OrderedDict[int, list[ShardFile]] = OrderedDict()
         self._lock = threading.Lock()
         for plan in plan_shards(self.num_samples, self.views, self.per_shard):
-            entry = manifest["shards"].get(plan["name"])
+            entry = self.manifest["shards"].get(plan["name"])
             if entry is None:
                 raise CacheError(f"{self.dir}: cache shard {plan['name']} was never completed; "
                                  "run `python -m rrd_fast.cache build` to finish it")
+            if (entry["view"], entry["start"], entry["stop"]) != (plan["view"], plan["start"], plan["stop"]):
+                raise CacheError(f"{self.dir / MANIFEST_NAME}: shard {plan['name']} records view {entry['view']} rows "
+                                 f"{entry['start']}..{entry['stop']}, the layout plans view {plan['view']} rows "
+                                 f"{plan['start']}..{plan['stop']}; rebuild with --rebuild-cache")
             check_size(self.dir / plan["name"], entry)
 
     def _view(self, view: int) -> list[ShardFile]:
