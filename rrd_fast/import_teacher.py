@@ -13,7 +13,7 @@ import torch
 from pipelines.formats import get_format
 from rrd_fast.checkpoint import CheckpointError, write_model_checkpoint
 from rrd_fast.cli import run_cli
-from rrd_fast.teacher import load_teacher
+from rrd_fast.checkpoint import load_teacher
 
 
 def import_teacher(pth: Path, arch: str, out: Path, dataset: str = "cifar100") -> dict:

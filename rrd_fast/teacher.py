@@ -1,52 +1,58 @@
-"""Loading frozen teachers: our checkpoint folders or RepDistiller/mdistiller `.pth` files."""
+"""Teacher sources: the frozen teacher run online, or its outputs served from the teacher cache.
+
+`open_teacher` picks one for a run, so the trainer only ever calls `teacher(batch, images)`.
+Loading a teacher checkpoint (ours or a RepDistiller `.pth`) is `rrd_fast.checkpoint.load_teacher`.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from accelerate import Accelerator
 from torch import nn
 
-from rrd_fast.checkpoint import CheckpointError, load_state_strict, read_model_checkpoint, sha256_file
-from rrd_fast.models import create_model
+from pipelines.batch import Batch
+from rrd_fast.cache import CacheTooLarge, open_cached_teacher
+from rrd_fast.config import RunConfig
+from rrd_fast.methods.objective import teacher_fields_for
+from rrd_fast.models import ModelOutput
+
+TeacherSource = Callable[[Batch, torch.Tensor], ModelOutput]
 
 
-def read_repdistiller_state(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict inside a `{'model': state_dict}` file, read without running any pickled code."""
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # weights_only refusals and corrupt zips raise assorted types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: cannot read as a weights-only torch checkpoint ({first[:200]})") from None
-    state = blob.get("model", blob) if isinstance(blob, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected {{'model': state_dict}} or a plain state_dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+class OnlineTeacher:
+    """Runs the frozen teacher on each batch, without autograd, under the run's autocast."""
+
+    def __init__(self, model: nn.Module, accelerator: Accelerator) -> None:
+        self.model = model
+        self.accelerator = accelerator
+
+    def __call__(self, batch: Batch, images: torch.Tensor) -> ModelOutput:
+        with torch.no_grad(), self.accelerator.autocast():
+            return self.model(images, features=True)
 
 
-def load_teacher(
-    checkpoint: str | Path, arch: str, num_classes: int, in_channels: int
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Build the frozen teacher (eval mode, no grad) and its provenance record."""
-    path = Path(checkpoint)
-    if not path.exists():
-        raise CheckpointError(f"{path}: teacher checkpoint not found (teacher.checkpoint)")
-    if path.is_dir():
-        model, meta = read_model_checkpoint(path)
-        if arch and meta["arch"] != arch:
-            raise CheckpointError(f"{path}: checkpoint holds {meta['arch']}, but teacher.arch is {arch}")
-        if int(meta["num_classes"]) != num_classes:
-            raise CheckpointError(f"{path}: teacher has {meta['num_classes']} classes, the dataset has {num_classes}")
-        if int(meta["in_channels"]) != in_channels:
-            raise CheckpointError(f"{path}: teacher conv1.weight takes {meta['in_channels']} input channels, the dataset has {in_channels}")
-        sha = meta["sha256"]
-        arch = meta["arch"]
-    else:
-        if not arch:
-            raise CheckpointError(f"teacher.arch: required to load {path.name}, a .pth file that does not name its architecture")
-        model = create_model(arch, num_classes=num_classes, in_channels=in_channels)
-        load_state_strict(model, read_repdistiller_state(path), str(path), arch)
-        sha = sha256_file(path)
-    model.eval().requires_grad_(False)
-    return model, {"arch": arch, "checkpoint": str(path), "sha256": sha}
+def open_teacher(cfg: RunConfig, model: nn.Module, meta: dict[str, Any], data: Any, accelerator: Accelerator,
+                 memory_format: torch.memory_format, dataset: dict[str, Any], rebuild_cache: bool = False
+                 ) -> TeacherSource:
+    """The cached teacher when `teacher.cache` is set (built or resumed here in single-process runs;
+    `data.train` is wrapped to replay view e mod V), else the online one on the run's device.
+
+    A cache too large for `teacher.cache_max_gb` is refused, or with `teacher.cache_fallback=online`
+    replaced by the online teacher.
+    """
+    if cfg.teacher.cache:
+        try:
+            cached = open_cached_teacher(cfg, model, meta, data.train, accelerator.device, teacher_fields_for(cfg.method),
+                                         rebuild=rebuild_cache, may_build=accelerator.num_processes == 1,
+                                         dataset=dataset)
+        except CacheTooLarge as exc:
+            if cfg.teacher.cache_fallback != "online":
+                raise
+            if accelerator.is_main_process:
+                print(f"{exc}; teacher.cache_fallback=online: running the teacher online", flush=True)
+        else:
+            data.train = cached.wrap(data.train)
+            return cached
+    return OnlineTeacher(model.to(accelerator.device, memory_format=memory_format), accelerator)

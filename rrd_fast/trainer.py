@@ -31,15 +31,16 @@ from rrd_fast.cli import RunError
 from rrd_fast.config import RunConfig, config_to_dict, load_config, save_config
 from rrd_fast.data import RunData, build_data
 from rrd_fast.methods import InitStage, NetInfo, Objective, TermContext
-from rrd_fast.methods.objective import resolve_weights, teacher_fields_for
+from rrd_fast.methods.objective import resolve_weights
 from rrd_fast.models import ModelOutput, create_model, feat_shapes
 from rrd_fast.precision import resolve_mixed_precision, warn_if_emulated
 from rrd_fast.threads import resolve_threads
 from rrd_fast.tracking import end_tracking, log_epoch, make_tracker_kwargs, start_tracking
 from rrd_fast.run_dir import check_fresh, open_run_dir
 from rrd_fast.cache.manifest import split_fingerprint
-from rrd_fast.resume_shards import load_rank_shards, memory_shards, remove_stale_shards, write_rank_shards
-from rrd_fast.teacher import load_teacher
+from rrd_fast.memory.resume import load_rank_shards, memory_shards, remove_stale_shards, write_rank_shards
+from rrd_fast.checkpoint import load_teacher
+from rrd_fast.teacher import open_teacher
 
 RESUME_FILE = "resume/state.pt"
 BEST_WEIGHTS = "model_best.safetensors"
@@ -92,18 +93,6 @@ def lr_at(cfg: RunConfig, epoch: int) -> float:
     if cfg.optim.lr_scaling == "linear":
         lr *= cfg.data.batch_size / cfg.optim.base_batch_size
     return lr * cfg.optim.lr_decay ** sum(epoch >= m for m in cfg.optim.milestones)
-
-
-class OnlineTeacher:
-    """Runs the frozen teacher on each batch, without autograd, under the run's autocast."""
-
-    def __init__(self, model: nn.Module, accelerator: Accelerator) -> None:
-        self.model = model
-        self.accelerator = accelerator
-
-    def __call__(self, batch: Batch, images: torch.Tensor) -> ModelOutput:
-        with torch.no_grad(), self.accelerator.autocast():
-            return self.model(images, features=True)
 
 
 @dataclass
@@ -319,24 +308,8 @@ class Trainer:
             fields += [f for f in self.init.stage.teacher_fields if f not in fields]
         if teacher_model is None or not fields:
             return None
-        if cfg.teacher.cache:
-            # The teacher stays on the CPU: its outputs come from the cache (built or resumed here
-            # in single-process runs), and epoch e replays augmentation view e mod V.
-            from rrd_fast.cache import CacheTooLarge, open_cached_teacher
-
-            try:
-                teacher = open_cached_teacher(cfg, teacher_model, self.teacher_meta, self.data.train, acc.device,
-                                              teacher_fields_for(cfg.method), rebuild=rebuild_cache,
-                                              may_build=acc.num_processes == 1, dataset=self.fingerprints["data"])
-            except CacheTooLarge as exc:
-                if cfg.teacher.cache_fallback != "online":
-                    raise
-                if acc.is_main_process:
-                    print(f"{exc}; teacher.cache_fallback=online: running the teacher online", flush=True)
-            else:
-                self.data.train = teacher.wrap(self.data.train)
-                return teacher
-        return OnlineTeacher(teacher_model.to(acc.device, memory_format=self.memory_format), acc)
+        return open_teacher(cfg, teacher_model, self.teacher_meta, self.data, acc, self.memory_format,
+                            self.fingerprints["data"], rebuild_cache)
 
     # ------------------------------------------------------------------ state
     @property
@@ -372,7 +345,7 @@ class Trainer:
     def _save_resume(self) -> None:
         """Each rank writes its memory rows; then rank 0 writes the main file naming them, then drops older ones.
 
-        No rank gathers a sharded memory, not even here; see `resume_shards`. Called on every rank.
+        No rank gathers a sharded memory, not even here; see `rrd_fast.memory.resume`. Called on every rank.
         """
         acc = self.accelerator
         write_rank_shards(self.run_dir, self._memory_tag(), self.unwrapped, acc.process_index, acc.num_processes)

@@ -25,7 +25,7 @@ from rrd_fast.cli import run_cli
 from rrd_fast.config import load_config
 from rrd_fast.data import build_data
 from rrd_fast.models import create_model
-from rrd_fast.teacher import load_teacher
+from rrd_fast.checkpoint import load_teacher
 
 N_TRAIN = 128
 ROOT = Path(__file__).resolve().parent.parent

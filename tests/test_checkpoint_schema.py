@@ -24,7 +24,7 @@ from rrd_fast.checkpoint import (
 )
 from rrd_fast.cli import RunError, run_cli
 from rrd_fast.models import create_model
-from rrd_fast.teacher import load_teacher
+from rrd_fast.checkpoint import load_teacher
 
 # What the trainer's _write_student hands to write_model_checkpoint.
 TRAINER_SIDECAR: dict[str, Any] = {
@@ -173,7 +173,7 @@ def test_num_classes_bomb_is_refused_before_any_allocation(checkpoint: Path, tmp
 
 def _saved_queue(run_dir: Path) -> Path:
     from rrd_fast.memory import FifoQueue
-    from rrd_fast.resume_shards import write_rank_shards
+    from rrd_fast.memory.resume import write_rank_shards
 
     return write_rank_shards(run_dir, "t", FifoQueue(8, 4), 0, 1)
 
@@ -206,7 +206,7 @@ CORRUPT_SHARDS = [
 def test_corrupt_resume_shard_is_a_one_line_run_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                       damage: Callable[[Path], None], needle: str) -> None:
     from rrd_fast.memory import FifoQueue
-    from rrd_fast.resume_shards import load_rank_shards
+    from rrd_fast.memory.resume import load_rank_shards
 
     shard = _saved_queue(tmp_path)
     intact = FifoQueue(8, 4, seed=5)

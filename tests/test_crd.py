@@ -31,7 +31,7 @@ from rrd_fast.memory.contrast import ContrastMemory
 from rrd_fast.methods import MethodError, NetInfo, Objective, TermContext, get_method
 from rrd_fast.methods.crd import CRD, CRDOptions
 from rrd_fast.models import ModelOutput
-from rrd_fast.resume_shards import load_rank_shards, memory_shards, write_rank_shards
+from rrd_fast.memory.resume import load_rank_shards, memory_shards, write_rank_shards
 
 FIXTURE = load_fixture("crd")
 CASES = range(len(FIXTURE["cases"]))

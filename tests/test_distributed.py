@@ -38,7 +38,7 @@ from rrd_fast.memory.momentum import NegativeSampler
 from rrd_fast.methods import NetInfo, TermContext
 from rrd_fast.methods.rrd import RRD, RRDOptions
 from rrd_fast.models import ModelOutput, create_model
-from rrd_fast.resume_shards import load_rank_shards, memory_shards, write_rank_shards
+from rrd_fast.memory.resume import load_rank_shards, memory_shards, write_rank_shards
 
 WORLD = 2
 STEPS = 20

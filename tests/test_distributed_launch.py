@@ -30,8 +30,8 @@ from rrd_fast.config import load_config
 from rrd_fast.data import build_data
 from rrd_fast.memory import unit_rows
 from rrd_fast.models import create_model
-from rrd_fast.resume_shards import MEMORY_DIR
-from rrd_fast.teacher import load_teacher
+from rrd_fast.memory.resume import MEMORY_DIR
+from rrd_fast.checkpoint import load_teacher
 from rrd_fast.trainer import RESUME_FILE, Trainer
 
 REPO = Path(__file__).resolve().parent.parent

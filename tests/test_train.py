@@ -19,7 +19,8 @@ from rrd_fast.cli import run_cli
 from rrd_fast.config import load_config
 from rrd_fast.models import create_model
 from rrd_fast.train import main as train_main
-from rrd_fast.trainer import OnlineTeacher, Trainer
+from rrd_fast.teacher import OnlineTeacher
+from rrd_fast.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 FMNIST_SIDECAR = {"arch": "resnet8", "num_classes": 10, "in_channels": 1, "image_size": 28,

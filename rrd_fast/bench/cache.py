@@ -112,7 +112,7 @@ def _cached_step(cfg: Any, num_train: int) -> tuple[Callable[[int], None], Any]:
     from rrd_fast.data import build_data
     from rrd_fast.methods import Objective, TermContext
     from rrd_fast.models import create_model
-    from rrd_fast.teacher import load_teacher
+    from rrd_fast.checkpoint import load_teacher
     from rrd_fast.trainer import DistillModule, net_info
 
     cl = torch.channels_last

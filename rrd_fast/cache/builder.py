@@ -38,7 +38,7 @@ from rrd_fast.cache.shards import DTYPES, FaultHook, check_size, clear_stale, pl
 from rrd_fast.config import ConfigError, RunConfig
 from rrd_fast.data import IMAGE_DTYPES, build_data
 from rrd_fast.models import ModelOutput, feat_shapes
-from rrd_fast.teacher import load_teacher
+from rrd_fast.checkpoint import load_teacher
 
 CPU_BATCH = 256
 CUDA_FIRST_BATCH = 4096
@@ -109,16 +109,35 @@ class _TeacherRunner:
 
 @contextlib.contextmanager
 def _build_lock(cache_dir: Path) -> Any:
-    """One builder per cache folder; the kernel drops the lock when its holder dies."""
+    """One builder per cache folder; the kernel drops the lock when its holder dies.
+
+    The lock file goes when the build ends (removed while still locked). A process that
+    opened it just before that removal would lock a file no longer in the folder, so each
+    process checks, once it holds the lock, that the path still names the file it locked,
+    and starts over on the new one if not. A killed builder leaves the file, unlocked: the
+    next build takes it over and removes it.
+    """
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(cache_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    path = cache_dir / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             raise CacheError(f"{cache_dir}: another process is building this teacher cache") from None
+        try:
+            held, named = os.fstat(fd), os.stat(path)
+            if (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # removed by the builder that just finished: lock the current file instead
+    try:
         yield
     finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
         os.close(fd)
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from rrd_fast.atomic import atomic_path
 from rrd_fast.checkpoint import CheckpointError
 from rrd_fast.cli import RunError
-from rrd_fast.memory import Memory, RowShard
+from rrd_fast.memory.base import Memory, RowShard
 
 MEMORY_DIR = Path("resume") / "memory"
 
