@@ -60,11 +60,10 @@ def machine_name(device: Any = None) -> str:
 
 
 def bf16_native() -> bool:
-    """Whether the CPU has bf16 arithmetic (AVX-512 BF16 or AMX); without it oneDNN emulates bf16, slowly."""
-    import torch
+    """Whether the CPU computes bf16 natively; without it oneDNN emulates bf16, slowly."""
+    from rrd_fast.precision import native_cpu_precisions
 
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(bool(check()) for check in checks if check is not None)
+    return "bf16" in native_cpu_precisions()
 
 
 def machine_info() -> dict[str, Any]:

@@ -27,6 +27,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from rrd_fast.atomic import atomic_path
 from rrd_fast.cache.manifest import CACHE_FORMAT, MANIFEST_NAME, CacheError, CacheSpec
+from rrd_fast.checkpoint import sha256_file
 
 # cache dtype name -> (torch dtype, numpy dtype used to read the raw bytes, safetensors dtype tag)
 DTYPES: dict[str, tuple[torch.dtype, np.dtype, str]] = {
@@ -64,14 +65,6 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], index: int, fault:
     return {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_size(path: Path, entry: dict[str, Any]) -> None:
     if not path.is_file():
         raise CacheError(f"{path}: cache shard missing; rebuild with --rebuild-cache")
@@ -88,7 +81,7 @@ class ShardFile:
         self.path = path
         check_size(path, entry)
         if verify:
-            actual = sha256_of(path)
+            actual = sha256_file(path)
             if actual != entry["sha256"]:
                 raise CacheError(f"{path}: cache shard checksum {actual[:12]}… does not match the manifest "
                                  f"({entry['sha256'][:12]}…): corrupt; rebuild with --rebuild-cache")
