@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One-shot set-up: a virtual environment in .venv with rrd-fast and everything its tests need.
 # On machines without an NVIDIA GPU, the CPU build of torch is installed first so that
-# no multi-GB CUDA build is pulled in by the `torch` requirement.
+# no multi-GB CUDA build is pulled in by the `torch` requirement. It also installs the real
+# Fashion-MNIST (Debian's dataset-fashion-mnist) for the demo when it can (scripts/fashion_mnist.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/fashion_mnist.sh
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
