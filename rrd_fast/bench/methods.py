@@ -108,9 +108,10 @@ def command(args: argparse.Namespace) -> int:
         if total <= args.cache_max_gb * 2**30:
             contenders[f"{method} cached"] = make(method, False)
     times: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(args.rounds):
+    for round_ in range(args.rounds):
         for name, step in contenders.items():
             times[name].append(_timed(step, args.steps))
+            print(f"  round {round_ + 1}: {name} {args.batch / times[name][-1]:.1f} img/s", flush=True)
     median = {name: statistics.median(t) for name, t in times.items()}
     base = median["student only"]
     rows = []

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipelines.batch import Batch
@@ -44,6 +45,27 @@ class NetInfo:
 def full_precision(t: torch.Tensor) -> torch.Tensor:
     """fp16/bf16 -> fp32; fp32 and fp64 unchanged (losses are pinned against the reference in fp64)."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def pool_to_smaller(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RepDistiller's AT/NST/VID/FT rule for maps of different heights: average-pool the larger to a
+    square of the smaller height (widths are not consulted, as in the reference)."""
+    s_h, t_h = f_s.shape[2], f_t.shape[2]
+    if s_h > t_h:
+        return F.adaptive_avg_pool2d(f_s, (t_h, t_h)), f_t
+    if s_h < t_h:
+        return f_s, F.adaptive_avg_pool2d(f_t, (s_h, s_h))
+    return f_s, f_t
+
+
+def check_stage_pairs(method: str, student: "NetInfo", teacher: "NetInfo") -> None:
+    """Refuse, before training, stage pairs the reference crashes on: no C x H x W maps, or equal heights
+    with unequal widths."""
+    s, t = student.feat_shapes[1:-1], teacher.feat_shapes[1:-1]
+    bad = lambda a, b: len(a) != 3 or len(b) != 3 or (a[1] == b[1] and a[2] != b[2])  # noqa: E731
+    if not s or not t or any(map(bad, s, t)):
+        raise MethodError(f"{method}: cannot pair student {student.arch} stages {list(s)} with teacher {teacher.arch} "
+                          f"stages {list(t)} (need C x H x W maps, equal widths at equal heights)")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from torch import nn
 
 from pipelines.batch import Batch
 from rrd_fast.methods.base import (InitStage, LossTerm, MethodError, MethodSpec, NetInfo, TermContext, full_precision,
-                                   register_method, register_term)
+                                   pool_to_smaller, register_method, register_term)
 from rrd_fast.models import ModelOutput
 
 _LR_001_STUDENTS = {"resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet8x4",
@@ -64,11 +64,7 @@ class FactorNet(nn.Module):
 
 def factor_transfer(f_s: torch.Tensor, f_t: torch.Tensor, p1: float, p2: float) -> torch.Tensor:
     """distiller_zoo/FT.py: the larger map is average-pooled to the smaller (square) size first."""
-    s_h, t_h = f_s.shape[2], f_t.shape[2]
-    if s_h > t_h:
-        f_s = F.adaptive_avg_pool2d(f_s, (t_h, t_h))
-    elif s_h < t_h:
-        f_t = F.adaptive_avg_pool2d(f_t, (s_h, s_h))
+    f_s, f_t = pool_to_smaller(f_s, f_t)
     diff = F.normalize(f_s.pow(p1).mean(1).flatten(1)) - F.normalize(f_t.pow(p1).mean(1).flatten(1))
     return diff.abs().mean() if p2 == 1 else diff.pow(p2).mean()
 

@@ -14,23 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.batch import Batch
-from rrd_fast.methods.base import (LossTerm, MethodError, MethodSpec, NetInfo, TermContext, full_precision,
-                                   register_method, register_term)
+from rrd_fast.methods.base import (LossTerm, MethodSpec, NetInfo, TermContext, check_stage_pairs, full_precision,
+                                   pool_to_smaller, register_method, register_term)
 from rrd_fast.models import ModelOutput
 
 
-def _pool_to_smaller(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    s_h, t_h = f_s.shape[2], f_t.shape[2]
-    if s_h > t_h:
-        return F.adaptive_avg_pool2d(f_s, (t_h, t_h)), f_t
-    if s_h < t_h:
-        return f_s, F.adaptive_avg_pool2d(f_t, (s_h, s_h))
-    return f_s, f_t
-
-
-def _unpairable(s: tuple[int, ...], t: tuple[int, ...]) -> bool:
-    """What the reference crashes on: not a C x H x W map, or equal heights with unequal widths."""
-    return len(s) != 3 or len(t) != 3 or (s[1] == t[1] and s[2] != t[2])
 
 
 def _kernel_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -38,7 +26,7 @@ def _kernel_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def nst_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
-    f_s, f_t = _pool_to_smaller(f_s, f_t)
+    f_s, f_t = pool_to_smaller(f_s, f_t)
     f_s, f_t = F.normalize(f_s.flatten(2), dim=2), F.normalize(f_t.flatten(2), dim=2)
     return _kernel_mean(f_t, f_t).detach() + _kernel_mean(f_s, f_s) - 2 * _kernel_mean(f_s, f_t)
 
@@ -51,10 +39,7 @@ class NST(LossTerm):
     def __init__(self, options: None, student: NetInfo, teacher: NetInfo | None, context: TermContext) -> None:
         super().__init__(options, student, teacher, context)
         assert teacher is not None
-        s, t = student.feat_shapes[1:-1], teacher.feat_shapes[1:-1]
-        if not s or not t or any(map(_unpairable, s, t)):
-            raise MethodError(f"nst: cannot pair student {student.arch} stages {list(s)} with teacher {teacher.arch} "
-                              f"stages {list(t)} (need C x H x W maps, equal widths at equal heights)")
+        check_stage_pairs("nst", student, teacher)
 
     def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> torch.Tensor:
         assert teacher is not None

@@ -19,7 +19,7 @@ from torch import nn
 
 from pipelines.batch import Batch
 from rrd_fast.methods.base import (LossTerm, MethodError, MethodSpec, NetInfo, TermContext, full_precision,
-                                   register_method, register_term)
+                                   pool_to_smaller, register_method, register_term)
 from rrd_fast.models import ModelOutput
 
 
@@ -40,11 +40,7 @@ class VIDHead(nn.Module):
         self.eps = eps
 
     def forward(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
-        s_h, t_h = f_s.shape[2], f_t.shape[2]
-        if s_h > t_h:
-            f_s = F.adaptive_avg_pool2d(f_s, (t_h, t_h))
-        elif s_h < t_h:
-            f_t = F.adaptive_avg_pool2d(f_t, (s_h, s_h))
+        f_s, f_t = pool_to_smaller(f_s, f_t)
         var = (F.softplus(self.log_scale) + self.eps).view(1, -1, 1, 1)
         return (0.5 * ((self.regressor(f_s) - f_t) ** 2 / var + torch.log(var))).mean()
 
