@@ -87,9 +87,9 @@ class ImageSet:
                     f"{source.root}: {source.format} images are {h}×{w}×{c}, but the student expects "
                     f"{want_s}×{want_s}×{want_c} (data.format does not match the checkpoint)"
                 )
-        if self.fmt.num_classes != int(meta["num_classes"]):
+        if split.num_classes != int(meta["num_classes"]):
             raise DataError(
-                f"{source.root}: {source.format} has {self.fmt.num_classes} classes, the student {meta['num_classes']}"
+                f"{source.root}: {source.format} has {split.num_classes} classes, the student {meta['num_classes']}"
             )
         self.labels = torch.from_numpy(np.asarray(split.labels, dtype=np.int64))
 

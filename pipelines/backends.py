@@ -1,16 +1,16 @@
 """Pipeline backends behind one constructor, chosen by `data.pipeline` (`torch`, `dali` or `auto`).
 
-`auto` reads `auto_backend.json` beside this file: for each dataset kind (`array`, `files`)
-and device type (`cpu`, `cuda`) it holds the backend that `python -m rrd_fast.bench
-pipelines --write-auto-table` measured to be faster on such a machine, with the figures. Where the
-table has no measurement for the pair, or names DALI but DALI is not installed, `auto`
-falls back to `torch`, the backend that is always installed. The choice and its reason are
-logged on the `pipelines.backends` logger.
+`auto` picks the backend measured fastest on this machine (CPU model, usable cores, vector
+extensions, GPU) for the dataset kind (`array`, `files`) and device type: from the table
+shipped beside this file (`auto_backend.json`, written by `python -m rrd_fast.bench
+pipelines --write-auto-table`), else from the user's cache, else by probing a few batches
+of the run's own data once and caching the winner (pipelines/auto.py). Where DALI is not
+installed, or nothing can be measured, `auto` falls back to `torch`, the backend that is
+always installed. The choice and its reason are logged on the `pipelines.backends` logger.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
@@ -19,16 +19,17 @@ import numpy as np
 import torch
 
 from pipelines.augment import AugSpec, CropFlipSpec, ResizedCropSpec
+from pipelines.auto import PROBE_BATCHES, REFERENCE_BATCH, SHIPPED_TABLE, choose, entry_key, load_table
 from pipelines.batch import Batch
 from pipelines.errors import DataError
-from pipelines.formats.base import ArraySplit, DatasetFormat, Split
+from pipelines.formats.base import ArraySplit, DatasetFormat, Split, head
 from pipelines.registry import Registry
 from pipelines.sampler import EpochSampler
 from pipelines.torch_arrays import ArrayPipeline
 
 log = logging.getLogger("pipelines.backends")
 
-AUTO_TABLE = Path(__file__).with_name("auto_backend.json")
+AUTO_TABLE = SHIPPED_TABLE
 FALLBACK_BACKEND = "torch"
 
 
@@ -113,43 +114,45 @@ def _dali_backend(split: Split, fmt: DatasetFormat, sampler: EpochSampler, augme
 # auto
 # ---------------------------------------------------------------------------------------
 
-def auto_key(kind: str, device: str | torch.device) -> str:
-    """Table key of a dataset kind on a device type, e.g. `array/cpu`, `files/cuda`."""
-    return f"{kind}/{torch.device(device).type}"
+auto_key = entry_key
 
 
 def load_auto_table(path: str | Path | None = None) -> dict[str, Any]:
-    """The measured-choice table (an empty one if the file does not exist)."""
-    path = Path(path) if path is not None else AUTO_TABLE
-    if not path.is_file():
-        return {"entries": {}}
-    try:
-        table = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable backend table ({exc})") from None
-    if not isinstance(table, dict) or not isinstance(table.get("entries"), dict):
-        raise DataError(f"{path}: backend table has no 'entries' mapping")
-    return table
+    """A machine-keyed measured-choice table (the shipped one by default; empty if the file does not exist)."""
+    return load_table(AUTO_TABLE if path is None else path)
+
+
+def _installed() -> list[str]:
+    from pipelines.dali_common import dali_available
+
+    return [name for name in list_backends() if name != "dali" or dali_available()]
 
 
 def resolve_backend(requested: str, fmt: DatasetFormat, device: str | torch.device,
-                    table: str | Path | None = None) -> str:
-    """Map `auto` to the backend measured fastest for this dataset kind and device; others pass through."""
+                    table: str | Path | None = None, split: Split | None = None, augment: AugSpec | None = None,
+                    batch_size: int = 256, dtype: torch.dtype = torch.float32) -> str:
+    """Map `auto` to the backend measured fastest on this machine for this data kind; others pass through.
+
+    `table` replaces the shipped table (tests). With `split` (the run's training split, its
+    `augment` spec, per-rank `batch_size` and batch `dtype`), a machine without a
+    measurement is probed once on a few batches of that data, at the reference batch of
+    the shipped table where the split is large enough (pipelines/auto.py).
+    """
     if requested != "auto":
         return requested
-    path = Path(table) if table is not None else AUTO_TABLE
-    key = auto_key(fmt.kind, device)
-    entry = load_auto_table(path).get("entries", {}).get(key)
-    choice, reason = FALLBACK_BACKEND, f"no measurement for {key} in {path.name}; fallback"
-    if isinstance(entry, dict) and entry.get("backend") in BACKENDS:
-        figures = ", ".join(f"{k} {v:,.0f} img/s" for k, v in sorted(entry.get("img_s", {}).items()))
-        reason = f"measured on {entry.get('machine', 'unknown machine')}: {figures}"
-        choice = entry["backend"]
-        if choice == "dali":
-            from pipelines.dali_common import dali_available
+    make, probe_batch = None, batch_size
+    if split is not None and len(split.labels) >= min(batch_size, REFERENCE_BATCH):
+        probe_batch = REFERENCE_BATCH if len(split.labels) >= REFERENCE_BATCH else batch_size
+        n = min(len(split.labels), probe_batch * PROBE_BATCHES * 2)
+        sample = head(split, n)
+        sampler = EpochSampler(n, probe_batch, seed=0)
 
-            if not dali_available():
-                choice, reason = FALLBACK_BACKEND, f"{reason}; DALI is not installed, fallback"
+        def make(name: str) -> Pipeline:
+            return build_pipeline(name, sample, fmt, sampler, augment, device=device, dtype=dtype)
+
+    what = f"{fmt.name} ({len(split.labels) if split is not None else 0} samples, batch {probe_batch})"
+    choice, reason = choose(fmt.kind, device, _installed(), FALLBACK_BACKEND, AUTO_TABLE if table is None else table,
+                            make, what, store=probe_batch == REFERENCE_BATCH)
     log.info("data.pipeline=auto: %s for %s data of %s on %s (%s)", choice, fmt.kind, fmt.name,
              torch.device(device).type, reason)
     return choice

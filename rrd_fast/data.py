@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,13 @@ from rrd_fast.config import ConfigError, DataConfig
 
 @dataclass
 class RunData:
+    """A run's pipelines and what the data says about itself.
+
+    `num_classes` and `class_names` come from the dataset as read (CIFAR's meta file,
+    Tiny-ImageNet's wnids.txt and words.txt, STL-10's class_names.txt, ImageNet's folders,
+    Fashion-MNIST's fixed ten), not from the format: a folder may hold a subset of classes.
+    """
+
     fmt: DatasetFormat
     train: Pipeline
     eval: Pipeline
@@ -25,6 +32,8 @@ class RunData:
     backend: str
     train_labels: np.ndarray | None = None  # labels of the (limited) training split, for class-aware memories
     train_split: Any = None  # the (limited) training split as read: arrays or file list, for fingerprints
+    num_classes: int = 0
+    class_names: list[str] = field(default_factory=list)
 
 
 def train_augmentation(cfg: DataConfig, fmt: DatasetFormat) -> AugSpec:
@@ -55,10 +64,12 @@ def build_data(cfg: DataConfig, seed: int, rank: int, world_size: int, device: t
     train_sampler = EpochSampler(n_train, per_rank, seed=seed, rank=rank, world_size=world_size, shuffle=True, drop_last=True)
     eval_sampler = EpochSampler(n_eval, max(1, cfg.eval_batch_size // world_size), seed=seed, rank=rank,
                                 world_size=world_size, shuffle=False, drop_last=False)
-    backend = resolve_backend(cfg.pipeline, fmt, device)
-    train = build_pipeline(backend, train_split, fmt, train_sampler, train_augmentation(cfg, fmt), device=device,
+    augment = train_augmentation(cfg, fmt)
+    backend = resolve_backend(cfg.pipeline, fmt, device, split=train_split, augment=augment, batch_size=per_rank,
+                              dtype=dtype)
+    train = build_pipeline(backend, train_split, fmt, train_sampler, augment, device=device,
                            dtype=dtype, on_corrupt=cfg.on_corrupt)
     evaluation = build_pipeline(backend, eval_split, fmt, eval_sampler, None, device=device, dtype=dtype,
                                 on_corrupt=cfg.on_corrupt)
     return RunData(fmt, train, evaluation, n_train, n_eval, backend, np.asarray(train_split.labels, dtype=np.int64),
-                   train_split)
+                   train_split, num_classes=train_split.num_classes, class_names=list(train_split.class_names))

@@ -18,18 +18,17 @@ if __name__ == "__main__":  # before torch loads: glibc reads its malloc tunable
     reexec_with_malloc_tuning()  # opt out with RRD_FAST_NO_MALLOC_TUNING=1
 
 import argparse
-import gzip
 import json
 import os
 import struct
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipelines.formats.fashion_mnist import DEBIAN_FASHION_MNIST
+from pipelines.errors import DataError
+from pipelines.formats.fashion_mnist import DEBIAN_FASHION_MNIST, download_fashion_mnist
 from rrd_fast.atomic import atomic_path
 from rrd_fast.cli import RunError, run_cli
 
@@ -56,15 +55,10 @@ def find_data(requested: Path | None, cache: Path) -> Path:
     if requested:
         raise RunError(f"{requested}: no Fashion-MNIST IDX files (expected {', '.join(FILES)})")
     print(f"Fashion-MNIST not found locally (apt-get install dataset-fashion-mnist provides it); downloading to {cache}")
-    cache.mkdir(parents=True, exist_ok=True)
-    for name in FILES:
-        try:
-            with urllib.request.urlopen(OFFICIAL_URL + name, timeout=60) as response, atomic_path(cache / name) as tmp:
-                tmp.write_bytes(response.read())
-            gzip.open(cache / name).read(16)
-        except OSError as exc:
-            raise RunError(f"cannot download {OFFICIAL_URL + name} ({exc}); pass --data DIR with the IDX files") from None
-    return cache
+    try:
+        return download_fashion_mnist(cache, OFFICIAL_URL)
+    except DataError as exc:
+        raise RunError(f"{exc}; or pass --data DIR with the IDX files") from None
 
 
 def head_copy(data: Path, out: Path, n_train: int, n_test: int) -> Path:

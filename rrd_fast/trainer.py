@@ -202,22 +202,23 @@ class Trainer:
                                         cfg.train.mixed_precision)
         m = cfg.method
         if acc.is_main_process and cfg.train.progress:
-            print(f"data: {self.data.fmt.name}, {self.data.num_train} train / {self.data.num_eval} eval samples, "
+            print(f"data: {self.data.fmt.name}, {self.data.num_classes} classes, {self.data.num_train} train / "
+                  f"{self.data.num_eval} eval samples, "
                   f"{self.data.backend} pipeline (data.pipeline={cfg.data.pipeline}), "
                   f"{str(self.data.train.dtype).removeprefix('torch.')} batches, "
                   f"train.mixed_precision={cfg.train.mixed_precision}, {cfg.train.threads} CPU threads per process "
                   f"(train.threads)", flush=True)
             print(f"method: {m.name}, loss = {m.gamma:g}*CE + {m.alpha:g}*KD + {m.beta:g}*{m.name}", flush=True)
         fmt = self.data.fmt
-        student = create_model(cfg.student.arch, num_classes=fmt.num_classes, in_channels=fmt.channels)
+        student = create_model(cfg.student.arch, num_classes=self.data.num_classes, in_channels=fmt.channels)
         teacher_model, self.teacher_meta = self._load_teacher()
-        teacher_info = (net_info(teacher_model, self.teacher_meta["arch"], fmt.num_classes, fmt.channels, fmt.image_size)
+        teacher_info = (net_info(teacher_model, self.teacher_meta["arch"], self.data.num_classes, fmt.channels, fmt.image_size)
                         if teacher_model is not None else None)
         sharding = cfg.distributed.memory_sharding
         if sharding == "auto":
             sharding = "sharded" if acc.num_processes > 1 else "local"
         context = TermContext(self.data.num_train, cfg.seed, acc.num_processes, sharding, train_labels=self.data.train_labels)
-        student_info = net_info(student, cfg.student.arch, fmt.num_classes, fmt.channels, fmt.image_size)
+        student_info = net_info(student, cfg.student.arch, self.data.num_classes, fmt.channels, fmt.image_size)
         objective = Objective(cfg.method, student_info, teacher_info, context)
         if cfg.distributed.sync_batchnorm and acc.num_processes > 1:
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
@@ -267,7 +268,7 @@ class Trainer:
             return None, None
         if not cfg.teacher.checkpoint:
             raise RunError(f"teacher.checkpoint: method {cfg.method.name!r} needs a teacher checkpoint")
-        return load_teacher(cfg.teacher.checkpoint, cfg.teacher.arch, fmt.num_classes, fmt.channels)
+        return load_teacher(cfg.teacher.checkpoint, cfg.teacher.arch, self.data.num_classes, fmt.channels)
 
     def _build_init_stage(self) -> InitRun | None:
         """The method's init stage (AB, FT, FSP), with a fresh SGD over what it trains, as helper/pretrain.py."""
@@ -649,7 +650,8 @@ class Trainer:
         evaluated = [r for r in self.state.history if "top1" in r]
         sidecar = {
             "arch": cfg.student.arch,
-            "num_classes": fmt.num_classes,
+            "num_classes": self.data.num_classes,
+            "class_names": list(self.data.class_names),
             "in_channels": fmt.channels,
             "image_size": fmt.image_size,
             "normalization": {"mean": list(fmt.mean), "std": list(fmt.std)},

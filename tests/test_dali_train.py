@@ -1,10 +1,9 @@
-"""Training through DALI matches training through the torch pipeline, `auto` follows the
-measured table, and the benchmark command runs and writes that table."""
+"""Training through DALI matches training through the torch pipeline, and the benchmark
+command runs and writes the `auto` table (its lookup: tests/test_auto_backend.py)."""
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Iterator
 
@@ -12,9 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipelines.backends import AUTO_TABLE, FALLBACK_BACKEND, load_auto_table, resolve_backend
-from pipelines.errors import DataError
-from pipelines.formats import get_format
+from pipelines.auto import empty_table, machine_description, machine_key, merge_entries
 from pipelines.synthetic import write_cifar100
 from rrd_fast.bench.__main__ import main as bench_main
 from rrd_fast.config import load_config
@@ -95,40 +92,9 @@ def test_bf16_runs_get_bf16_batches_and_the_same_result(tmp_path: Path, monkeypa
 # ---------------------------------------------------------------------------------------
 
 def _table(path: Path, entries: dict) -> Path:
-    path.write_text(json.dumps({"entries": entries}))
+    """A table with `entries` in this machine's row (tests/test_auto_backend.py tests the lookup itself)."""
+    path.write_text(json.dumps(merge_entries(empty_table(), machine_description("cpu"), entries)))
     return path
-
-
-def test_auto_follows_the_measured_table(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    table = _table(tmp_path / "t.json", {
-        "array/cpu": {"backend": "torch", "img_s": {"torch": 190000, "dali": 85000}, "machine": "test"},
-        "files/cpu": {"backend": "dali", "img_s": {"torch": 900, "dali": 2100}, "machine": "test"},
-    })
-    cifar, tiny = get_format("cifar100"), get_format("tiny_imagenet")
-    with caplog.at_level(logging.INFO, logger="pipelines.backends"):
-        assert resolve_backend("auto", cifar, "cpu", table=table) == "torch"
-        assert resolve_backend("auto", tiny, torch.device("cpu"), table=table) == "dali"
-        assert resolve_backend("auto", tiny, "cuda", table=table) == FALLBACK_BACKEND  # nothing measured on GPUs
-    logged = [r.getMessage() for r in caplog.records]
-    assert any("dali" in m and "2,100 img/s" in m for m in logged)
-    assert any("no measurement for files/cuda" in m for m in logged)
-    assert resolve_backend("dali", cifar, "cpu", table=table) == "dali"  # explicit choices pass through
-
-
-def test_auto_table_errors_name_the_file(tmp_path: Path) -> None:
-    bad = tmp_path / "bad.json"
-    bad.write_text("{not json")
-    with pytest.raises(DataError, match=str(bad)):
-        resolve_backend("auto", get_format("cifar100"), "cpu", table=bad)
-    assert resolve_backend("auto", get_format("cifar100"), "cpu", table=tmp_path / "absent.json") == FALLBACK_BACKEND
-
-
-def test_shipped_table_has_cpu_measurements() -> None:
-    entries = load_auto_table(AUTO_TABLE)["entries"]
-    for key in ("array/cpu", "files/cpu"):
-        entry = entries[key]
-        assert entry["backend"] in ("torch", "dali")
-        assert entry["backend"] == max(entry["img_s"], key=entry["img_s"].get)
 
 
 def test_bench_runs_and_writes_the_auto_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -145,7 +111,9 @@ def test_bench_runs_and_writes_the_auto_table(tmp_path: Path, capsys: pytest.Cap
                   "), default", "DALI (5 lanes x "):
         assert label in out
     assert "target arrays/dali" not in out  # developers' notes: only with --targets
-    entries = json.loads(table.read_text())["entries"]
+    machines = json.loads(table.read_text())["machines"]
+    assert list(machines) == [machine_key(machine_description("cpu"))]  # the CPU rows are this machine's
+    entries = machines[machine_key(machine_description("cpu"))]["entries"]
     assert set(entries) == {"array/cpu", "files/cpu", "files/cuda"}  # other device types kept
     for key in ("array/cpu", "files/cpu"):
         assert set(entries[key]["img_s"]) == {"torch", "dali"}

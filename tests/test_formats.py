@@ -420,3 +420,119 @@ def test_imagenet_bad_inputs(tmp_path: Path) -> None:
     _raises(root / "val" / "n_bogus", read_split, "imagenet", root, "val")
     shutil.rmtree(root / "train")
     _raises(root / "train", read_split, "imagenet", root, "train")
+
+
+# ---------------------------------------------------------------------------------------
+# class counts and names come from the data
+# ---------------------------------------------------------------------------------------
+
+def _cifar100_with_classes(root: Path, names: list[str], train_labels: list[int], test_labels: list[int]) -> Path:
+    d = root / "cifar-100-python"
+    for split, labels in (("train", train_labels), ("test", test_labels)):
+        syn.write_py2_pickle(d / split, {b"data": np.zeros((len(labels), 3072), np.uint8), b"fine_labels": labels})
+    syn.write_py2_pickle(d / "meta", {b"fine_label_names": [n.encode() for n in names]})
+    return root
+
+
+def test_cifar_class_count_is_what_meta_lists(tmp_path: Path) -> None:
+    names = [f"kind_{i}" for i in range(20)]
+    root = _cifar100_with_classes(tmp_path / "c100", names, list(range(20)) * 2, [19, 0])
+    sp = read_split("cifar100", root, "train")
+    assert sp.num_classes == 20 and sp.classes == names and sp.class_names == names
+    # A label beyond what meta lists is named with its file.
+    _cifar100_with_classes(tmp_path / "c100", names, [0, 20], [0])
+    err = _raises(tmp_path / "c100" / "cifar-100-python" / "train", read_split, "cifar100", tmp_path / "c100", "train")
+    assert "20" in str(err) and "[0, 19]" in str(err)
+    # CIFAR-10's batches.meta decides the same way.
+    root10 = syn.write_cifar10(tmp_path / "c10", 10, 4)
+    meta = root10 / "cifar-10-batches-py" / "batches.meta"
+    syn.write_py2_pickle(meta, {b"label_names": [b"a", b"b", b"c", b"d", b"e", b"f", b"g", b"h", b"i", b"j", b"k", b"l"]})
+    assert read_split("cifar10", root10, "test").num_classes == 12
+    syn.write_py2_pickle(meta, {b"label_names": [b"a", b"b"]})
+    _raises(root10 / "cifar-10-batches-py" / "data_batch_1", read_split, "cifar10", root10, "train")
+
+
+def test_tiny_imagenet_subset_has_its_own_class_count_and_names(tmp_path: Path) -> None:
+    root = syn.write_tiny_imagenet(tmp_path, n_classes=10, per_class_train=1, per_class_val=1, size=8)
+    d = root / "tiny-imagenet-200"
+    words = dict(ln.split("\t") for ln in (d / "words.txt").read_text().splitlines())
+    for split in ("train", "val"):
+        sp = read_split("tiny_imagenet", root, split)
+        assert sp.num_classes == 10 and sp.classes == sorted(words)
+        assert sp.class_names == [words[w] for w in sp.classes]
+        assert set(sp.labels.tolist()) == set(range(10))
+    (d / "words.txt").write_text("".join(f"{w}\tonly this one\n" for w in sorted(words)[:1]))
+    sp = read_split("tiny_imagenet", root, "train")
+    assert sp.class_names == ["only this one", *sorted(words)[1:]]  # wnid where words.txt has no line
+
+
+def test_stl10_class_count_is_what_class_names_lists(tmp_path: Path) -> None:
+    root = syn.write_stl10(tmp_path, 4, 2)
+    d = root / "stl10_binary"
+    (d / "class_names.txt").write_text("cat\ndog\nbird\nfish\n")
+    (d / "train_y.bin").write_bytes(bytes([1, 2, 3, 4]))
+    sp = read_split("stl10", root, "train")
+    assert sp.num_classes == 4 and sp.class_names == ["cat", "dog", "bird", "fish"] and sp.labels.tolist() == [0, 1, 2, 3]
+    (d / "train_y.bin").write_bytes(bytes([1, 2, 3, 5]))
+    assert "1..4" in str(_raises(d / "train_y.bin", read_split, "stl10", root, "train"))
+
+
+def test_every_format_exposes_count_and_names(tmp_path: Path) -> None:
+    fm = read_split("fashion_mnist", syn.write_fashion_mnist(tmp_path / "f", 4, 4), "train")
+    assert fm.num_classes == 10 and fm.class_names == FASHION_MNIST_CLASSES
+    inet = syn.write_imagenet_folders(tmp_path / "i", n_classes=3, per_class=1, size=8)
+    sp = read_split("imagenet", inet, "val")
+    assert sp.num_classes == 3 and sp.class_names == sp.classes == sorted(p.name for p in (inet / "train").iterdir())
+    from pipelines.formats import head
+
+    tiny = read_split("tiny_imagenet", syn.write_tiny_imagenet(tmp_path / "t", 3, 2, 1, size=8), "train")
+    assert head(tiny, 2).class_names == tiny.class_names and head(tiny, 2).num_classes == 3
+    with pytest.raises(ValueError):
+        ArraySplit(np.zeros((1, 2, 2, 1), np.uint8), np.zeros(1, np.int64), ["a", "b"], ["only one"])
+
+
+def test_run_data_carries_the_datas_class_count(tmp_path: Path) -> None:
+    """A 10-class Tiny-ImageNet folder gives a 10-class run, with words.txt's names, not the format's 200."""
+    import torch
+
+    from rrd_fast.config import load_config
+    from rrd_fast.data import build_data
+
+    root = syn.write_tiny_imagenet(tmp_path, n_classes=10, per_class_train=2, per_class_val=1, size=8)
+    cfg = load_config(None, ["data.format=tiny_imagenet", f"data.root={root}", "data.pipeline=torch",
+                             "data.batch_size=4", "data.train_limit=8"])
+    data = build_data(cfg.data, 0, 0, 1, torch.device("cpu"))
+    assert get_format("tiny_imagenet").num_classes == 200
+    assert data.num_classes == 10 and len(data.class_names) == 10
+    assert data.class_names[0].startswith("synthetic thing")
+    assert len(set(data.train_labels.tolist())) < 10  # the count is the data's class list, not the labels seen
+
+
+# ---------------------------------------------------------------------------------------
+# Fashion-MNIST download
+# ---------------------------------------------------------------------------------------
+
+def test_failed_download_leaves_no_folder_behind(tmp_path: Path) -> None:
+    from pipelines.formats.fashion_mnist import download_fashion_mnist
+
+    served = syn.write_fashion_mnist(tmp_path / "served", 4, 4, gz=True)
+    dest = tmp_path / "data" / "fashion-mnist"
+    # A source that serves two files and then fails (a missing third file).
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        shutil.copy(served / name, partial / name)
+    with pytest.raises(DataError) as ei:
+        download_fashion_mnist(dest, partial.as_uri() + "/", timeout=5)
+    assert "\n" not in str(ei.value) and "t10k-images-idx3-ubyte.gz" in str(ei.value)
+    assert not (tmp_path / "data").exists()  # the folders it made are gone, parents included
+    # An existing folder keeps what it held; only this call's files go.
+    dest.mkdir(parents=True)
+    (dest / "README").write_text("mine")
+    with pytest.raises(DataError):
+        download_fashion_mnist(dest, partial.as_uri() + "/", timeout=5)
+    assert sorted(p.name for p in dest.iterdir()) == ["README"]
+    # A good source: all four files, readable.
+    assert download_fashion_mnist(dest, served.as_uri() + "/", timeout=5) == dest
+    assert read_split("fashion_mnist", dest, "test").num_classes == 10
+    assert not list(dest.glob(".*part"))

@@ -12,22 +12,51 @@ from pipelines.errors import DataError
 from pipelines.registry import Registry
 
 
+def _init_class_names(split: "ArraySplit | FileSplit") -> None:
+    """Default the readable names to the class ids, and refuse a names list of another length."""
+    if split.class_names is None:
+        object.__setattr__(split, "class_names", list(split.classes))
+    elif len(split.class_names) != len(split.classes):
+        raise ValueError(f"{len(split.class_names)} class names for {len(split.classes)} classes")
+
+
 @dataclass(frozen=True)
 class ArraySplit:
-    """A split that fits in memory: uint8 images N×H×W×C (C-contiguous) and int64 labels."""
+    """A split that fits in memory: uint8 images N×H×W×C (C-contiguous) and int64 labels.
+
+    `classes` are the class ids as the data lists them (label i is `classes[i]`) and
+    `class_names` their readable names (the ids themselves when the data has no others).
+    Label -1 marks an unlabelled sample (STL-10's `unlabeled` split).
+    """
 
     images: np.ndarray
     labels: np.ndarray
     classes: list[str]
+    class_names: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        _init_class_names(self)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
 
 
 @dataclass(frozen=True)
 class FileSplit:
-    """A split of encoded image files (JPEG/PNG), decoded by the pipeline."""
+    """A split of encoded image files (JPEG/PNG), decoded by the pipeline; classes as in `ArraySplit`."""
 
     paths: list[Path]
     labels: np.ndarray
     classes: list[str]
+    class_names: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        _init_class_names(self)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
 
 
 Split = Union[ArraySplit, FileSplit]
@@ -38,8 +67,16 @@ def head(split: Split, n: int) -> Split:
     if n <= 0 or n >= len(split.labels):
         return split
     if isinstance(split, ArraySplit):
-        return ArraySplit(np.ascontiguousarray(split.images[:n]), split.labels[:n], split.classes)
-    return FileSplit(split.paths[:n], split.labels[:n], split.classes)
+        return ArraySplit(np.ascontiguousarray(split.images[:n]), split.labels[:n], split.classes, split.class_names)
+    return FileSplit(split.paths[:n], split.labels[:n], split.classes, split.class_names)
+
+
+def check_labels(labels: np.ndarray, num_classes: int, path: str | Path, what: str = "labels") -> None:
+    """One-line DataError naming `path` unless every label is a class index in [0, num_classes)."""
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+        raise DataError(f"{path}: {what} include {bad}, outside [0, {num_classes - 1}] for the {num_classes} classes "
+                        "the dataset lists")
 
 
 @dataclass(frozen=True)
@@ -48,6 +85,9 @@ class DatasetFormat:
 
     `image_size` is the training crop size the recipe uses (e.g. 32 for CIFAR, 64 for
     Tiny-ImageNet, 224 for ImageNet). `eval_split` is the split used for validation.
+    `num_classes` is the class count of the published dataset, for tools that read no
+    data; a run takes its count and names from the data it reads (`Split.num_classes`,
+    `Split.class_names`), since a folder may hold a subset (10 of Tiny-ImageNet's 200).
     """
 
     name: str
@@ -83,4 +123,8 @@ def read_split(format_name: str, root: str | Path, split: str) -> Split:
     root = Path(root)
     if not root.exists():
         raise DataError(f"{root}: dataset folder not found (data.root for format {format_name!r})")
-    return fmt.read(root, split)
+    data = fmt.read(root, split)
+    if not data.classes:
+        raise DataError(f"{root}: {format_name} split {split!r} lists no classes")
+    check_labels(data.labels[data.labels != -1], data.num_classes, root, f"labels of split {split!r}")
+    return data

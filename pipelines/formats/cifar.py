@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pipelines.errors import DataError
-from pipelines.formats.base import ArraySplit, DatasetFormat, register_format
+from pipelines.formats.base import ArraySplit, DatasetFormat, check_labels, register_format
 
 __all__ = ["RestrictedUnpickler", "load_cifar_pickle", "read_cifar100", "read_cifar10"]
 
@@ -117,10 +117,7 @@ def _batch_arrays(path: Path, label_key: bytes, num_classes: int) -> tuple[np.nd
     labels = labels.astype(np.int64)
     if len(labels) != data.shape[0]:
         raise DataError(f"{path}: key b'data' has {data.shape[0]} rows but {label_key!r} has {len(labels)} labels")
-    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise DataError(
-            f"{path}: key {label_key!r} has labels in [{labels.min()}, {labels.max()}], expected [0, {num_classes - 1}]"
-        )
+    check_labels(labels, num_classes, path, f"key {label_key!r}")
     images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     return images, labels
 
@@ -134,11 +131,12 @@ def _folder(root: Path, sub: str, meta: str) -> Path:
     raise DataError(f"{root / sub}: folder not found (expected data.root to contain {sub}/ with {meta} and the batch files)")
 
 
-def _classes(meta_path: Path, key: bytes, num_classes: int) -> list[str]:
+def _classes(meta_path: Path, key: bytes) -> list[str]:
+    """The class names the meta file lists: their number is the dataset's class count."""
     meta = load_cifar_pickle(meta_path)
     classes = _decode_names(_key(meta, key, meta_path), meta_path, key)
-    if len(classes) != num_classes:
-        raise DataError(f"{meta_path}: key {key!r} lists {len(classes)} names, expected {num_classes}")
+    if not classes:
+        raise DataError(f"{meta_path}: key {key!r} lists no class names")
     return classes
 
 
@@ -148,19 +146,22 @@ def _check_split(split: str, allowed: tuple[str, ...], name: str) -> None:
 
 
 def read_cifar100(root: Path, split: str) -> ArraySplit:
-    """Read `cifar-100-python/{train,test}` with fine labels and names from `meta`."""
+    """Read `cifar-100-python/{train,test}` with fine labels; the classes are the names `meta` lists."""
     _check_split(split, ("train", "test"), "cifar100")
     d = _folder(Path(root), "cifar-100-python", "meta")
-    classes = _classes(d / "meta", b"fine_label_names", 100)
+    classes = _classes(d / "meta", b"fine_label_names")
     images, labels = _batch_arrays(d / split, b"fine_labels", len(classes))
     return ArraySplit(images=images, labels=labels, classes=classes)
 
 
 def read_cifar10(root: Path, split: str) -> ArraySplit:
-    """Read `cifar-10-batches-py`: data_batch_1..5 concatenated for train, test_batch for test."""
+    """Read `cifar-10-batches-py`: data_batch_1..5 concatenated for train, test_batch for test.
+
+    The classes are the names `batches.meta` lists.
+    """
     _check_split(split, ("train", "test"), "cifar10")
     d = _folder(Path(root), "cifar-10-batches-py", "batches.meta")
-    classes = _classes(d / "batches.meta", b"label_names", 10)
+    classes = _classes(d / "batches.meta", b"label_names")
     files = [d / f"data_batch_{i}" for i in range(1, 6)] if split == "train" else [d / "test_batch"]
     parts = [_batch_arrays(p, b"labels", len(classes)) for p in files]
     if len(parts) == 1:

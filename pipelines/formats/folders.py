@@ -71,30 +71,39 @@ def _tiny_wnids(d: Path) -> list[str]:
     return sorted(wnids)
 
 
-def tiny_imagenet_names(root: str | Path) -> dict[str, str]:
-    """wnid -> human-readable name from `words.txt` (empty if the file is absent).
-
-    Kept apart from the reader because `words.txt` covers all of WordNet (82k lines) and
-    the labels only need the wnids.
-    """
-    d = _tiny_root(Path(root))
+def _words(d: Path, wnids: list[str]) -> dict[str, str]:
     path = d / "words.txt"
     if not path.is_file():
         return {}
-    wanted = set(_tiny_wnids(d))
+    wanted = set(wnids)
     names: dict[str, str] = {}
     for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
         wnid, _, name = ln.partition("\t")
-        if wnid in wanted:
+        if wnid in wanted and name.strip():
             names[wnid] = name.strip()
     return names
 
 
+def tiny_imagenet_names(root: str | Path) -> dict[str, str]:
+    """wnid -> human-readable name from `words.txt` (empty if the file is absent).
+
+    `words.txt` covers all of WordNet (82k lines); only the lines of the listed wnids are kept.
+    """
+    d = _tiny_root(Path(root))
+    return _words(d, _tiny_wnids(d))
+
+
 def read_tiny_imagenet(root: Path, split: str) -> FileSplit:
-    """Train files from `train/<wnid>/images/`, val files labelled by `val/val_annotations.txt`."""
+    """Train files from `train/<wnid>/images/`, val files labelled by `val/val_annotations.txt`.
+
+    The classes are the wnids `wnids.txt` lists (sorted), however many; their readable
+    names come from `words.txt` (the wnid itself where it has no line).
+    """
     _split_check("tiny_imagenet", split)
     d = _tiny_root(Path(root))
     classes = _tiny_wnids(d)
+    words = _words(d, classes)
+    class_names = [words.get(w, w) for w in classes]
     index = {w: i for i, w in enumerate(classes)}
     paths: list[Path] = []
     labels: list[int] = []
@@ -142,7 +151,7 @@ def read_tiny_imagenet(root: Path, split: str) -> FileSplit:
                 raise DataError(f"{ann}: image {rows[i][0]!r} annotated more than once")
         paths = [img_dir / n for n, _ in rows]
         labels = [lab for _, lab in rows]
-    return FileSplit(paths=paths, labels=np.asarray(labels, dtype=np.int64), classes=classes)
+    return FileSplit(paths=paths, labels=np.asarray(labels, dtype=np.int64), classes=classes, class_names=class_names)
 
 
 # ---------------------------------------------------------------------------------------
@@ -150,7 +159,7 @@ def read_tiny_imagenet(root: Path, split: str) -> FileSplit:
 # ---------------------------------------------------------------------------------------
 
 def read_imagenet(root: Path, split: str) -> FileSplit:
-    """`train/<wnid>/*` and `val/<wnid>/*`; classes are the sorted train folder names."""
+    """`train/<wnid>/*` and `val/<wnid>/*`; the classes (ids and names) are the sorted train folder names."""
     _split_check("imagenet", split)
     root = Path(root)
     train = root / "train"

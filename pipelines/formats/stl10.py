@@ -51,24 +51,27 @@ def read_stl10_images(path: Path) -> np.ndarray:
     return out
 
 
-def _read_labels(path: Path, n_images: int, x_path: Path) -> np.ndarray:
+def _read_labels(path: Path, n_images: int, x_path: Path, num_classes: int) -> np.ndarray:
+    """0-based labels from a `*_y.bin` file, which stores 1..num_classes."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     labels = np.fromfile(path, dtype=np.uint8).astype(np.int64)
     if len(labels) != n_images:
         raise DataError(f"{path}: {len(labels)} labels but {x_path.name} has {n_images} images")
-    if len(labels) and (labels.min() < 1 or labels.max() > 10):
-        raise DataError(f"{path}: labels in [{labels.min()}, {labels.max()}], expected 1..10")
+    if len(labels) and (labels.min() < 1 or labels.max() > num_classes):
+        raise DataError(f"{path}: labels in [{labels.min()}, {labels.max()}], expected 1..{num_classes} "
+                        f"(the classes {x_path.parent / 'class_names.txt'} lists)")
     return labels - 1
 
 
 def _classes(d: Path) -> list[str]:
+    """The names `class_names.txt` lists (STL-10's ten when the file is absent)."""
     path = d / "class_names.txt"
     if not path.is_file():
         return list(STL10_CLASSES)
     names = [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
-    if len(names) != 10:
-        raise DataError(f"{path}: lists {len(names)} class names, expected 10")
+    if not names:
+        raise DataError(f"{path}: lists no class names")
     return names
 
 
@@ -83,7 +86,7 @@ def read_stl10(root: Path, split: str) -> ArraySplit:
     if split == "unlabeled":
         labels = np.full(len(images), -1, dtype=np.int64)
     else:
-        labels = _read_labels(d / f"{split}_y.bin", len(images), x_path)
+        labels = _read_labels(d / f"{split}_y.bin", len(images), x_path, len(classes))
     return ArraySplit(images=images, labels=labels, classes=classes)
 
 

@@ -2,7 +2,7 @@
 
     python -m rrd_fast.bench pipelines                      # CPU: 32×32 arrays and 64×64 JPEG folders
     python -m rrd_fast.bench pipelines --device cuda        # GPU: adds 224×224 random-resized crops from JPEG
-    python -m rrd_fast.bench pipelines --write-auto-table   # also record the faster backend for data.pipeline=auto
+    python -m rrd_fast.bench pipelines --write-auto-table   # also record this machine's faster backend for data.pipeline=auto
     python -m rrd_fast.bench pipelines --sections arrays --dali-lanes 1,2,4   # DALI with other lane counts too
     python -m rrd_fast.bench pipelines --half bf16,fp16     # also the half-precision batches mixed-precision runs get
     python -m rrd_fast.bench pipelines --dali-sequence      # also DALI with one sequence sample per batch
@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from pipelines.augment import CropFlipSpec, ResizedCropSpec
+from pipelines.auto import machine_description, machine_key, merge_entries
 from pipelines.backends import AUTO_TABLE, auto_key, build_pipeline, load_auto_table
 from pipelines.errors import DataError
 from pipelines.formats import ArraySplit, FileSplit, get_format, read_split
@@ -263,7 +264,7 @@ def imagenet_split(root: Path, images: int, side: int) -> FileSplit:
 
 def write_auto_table(path: Path, results: dict[str, dict[str, float]], sections: dict[str, str], device: torch.device,
                      contenders: list[Contender], note: str = "") -> dict[str, dict]:
-    """Merge this machine's choice per dataset kind into the table (other device types kept)."""
+    """Merge this machine's choice per dataset kind into its row of the table (other machines and rows kept)."""
     table = load_auto_table(path)
     backend_of = {(c.section, c.name): c.backend for c in contenders if c.backend}
     written = {}
@@ -279,15 +280,11 @@ def write_auto_table(path: Path, results: dict[str, dict[str, float]], sections:
             "backend": max(figures, key=figures.get),
             "img_s": {k: round(v) for k, v in figures.items()},
             "section": section,
-            "machine": machine_name(device),
+            "source": "bench",
             "measured": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+            **({"note": note} if note else {}),
         }
-        if note:
-            written[auto_key(kind, device)]["note"] = note
-    table.setdefault("comment", "Written by `python -m rrd_fast.bench pipelines --write-auto-table`; "
-                                "read by data.pipeline=auto.")
-    table["entries"].update(written)
-    write_json(path, table)
+    write_json(path, merge_entries(table, machine_description(device), written))
     return written
 
 
@@ -360,7 +357,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jpeg224-side", type=int, default=400, help="side of the generated ImageNet-like JPEGs")
     parser.add_argument("--data-dir", type=Path, help="keep generated JPEG folders here (default: a temporary folder)")
     parser.add_argument("--write-auto-table", nargs="?", const=AUTO_TABLE, type=Path, metavar="PATH",
-                        help=f"record the faster backend per dataset kind for this device type (default {AUTO_TABLE.name})")
+                        help=f"record the faster backend per dataset kind and device type in this machine's row "
+                             f"(default {AUTO_TABLE.name})")
     parser.add_argument("--note", default="", help="remark stored with the auto-table entries (e.g. machine load)")
     parser.add_argument("--json", type=Path, help="also write the medians as JSON here")
     parser.add_argument("--targets", action="store_true", help="also print whether the development targets are met")
@@ -417,7 +415,8 @@ def command(args: argparse.Namespace) -> int:
         kinds = {"arrays": "array", "jpeg": "files", "jpeg224": "files"}
         chosen = {s: kinds[s] for s in sections if not (s == "jpeg" and "jpeg224" in sections)}
         written = write_auto_table(args.write_auto_table, medians, chosen, device, contenders, args.note)
+        machine = machine_key(machine_description(device))
         for key, entry in written.items():
-            print(f"auto table {args.write_auto_table}: {key} -> {entry['backend']} ({entry['img_s']})")
+            print(f"auto table {args.write_auto_table}: [{machine}] {key} -> {entry['backend']} ({entry['img_s']})")
     return 0
 

@@ -224,10 +224,11 @@ def build_cache(
     if cache_dir.exists() and not cache_dir.is_dir():
         raise CacheError(f"{cache_dir}: teacher.cache is a file, not a folder")
     if teacher is None or teacher_meta is None:
-        from pipelines.formats import get_format
+        from pipelines.formats import get_format, read_split
 
         fmt = get_format(cfg.data.format)
-        teacher, teacher_meta = load_teacher(cfg.teacher.checkpoint, cfg.teacher.arch, fmt.num_classes, fmt.channels)
+        num_classes = read_split(fmt.name, cfg.data.root, fmt.train_split).num_classes  # the data's, not the format's
+        teacher, teacher_meta = load_teacher(cfg.teacher.checkpoint, cfg.teacher.arch, num_classes, fmt.channels)
     key = key or run_key(cfg, teacher_meta)
     fields = required_fields(cfg)
     manifest = None if rebuild else read_manifest(cache_dir)
