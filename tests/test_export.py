@@ -334,9 +334,9 @@ def test_bench_evaluates_a_file_layout_dataset(tmp_path: Path) -> None:
     fmt = get_format("tiny_imagenet")
     root = write_tiny_imagenet(tmp_path / "tiny", n_classes=2, per_class_train=2, per_class_val=3)
     torch.manual_seed(0)
-    model = create_model("resnet8", num_classes=fmt.num_classes, in_channels=3).eval()
+    model = create_model("resnet8", num_classes=2, in_channels=3).eval()  # the data's 2 wnids, not the format's 200
     write_model_checkpoint(tmp_path / "student", model, {
-        "arch": "resnet8", "num_classes": fmt.num_classes, "in_channels": 3, "image_size": 64,
+        "arch": "resnet8", "num_classes": 2, "in_channels": 3, "image_size": 64,
         "normalization": {"mean": list(fmt.mean), "std": list(fmt.std)},
         "dataset": {"format": "tiny_imagenet", "root": str(root)},
         "method": {"name": "vanilla", "gamma": 1.0, "alpha": 0.0, "beta": 0.0, "options": {}},
