@@ -460,22 +460,26 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config file", error: type[ConfigError] = ConfigError
+                      ) -> dict[str, Any]:
+    """A YAML file's top-level mapping ({} when empty), with the run configs' YAML rules and alias limits."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {what} not found")
+    try:
+        loaded = _yaml(path.read_text())
+    except YAMLTooLarge as exc:
+        raise error(f"{path}: {exc}; refusing a file that would expand that far") from None
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise error(f"{path}: expected a mapping at the top level")
+    return dict(loaded or {})
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read YAML (optional), apply `key=value` overrides, build the typed config and check every value."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            loaded = _yaml(path.read_text())
-        except YAMLTooLarge as exc:
-            raise ConfigError(f"{path}: {exc}; refusing a file that would expand that far") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        tree = loaded or {}
+    tree = read_yaml_mapping(path) if path is not None else {}
     for text in overrides or []:
         key, value = parse_override(text)
         _set_path(tree, key, value)

@@ -25,7 +25,7 @@ from typing import Any
 from pipelines.errors import did_you_mean
 from rrd_fast.config import ConfigError
 from rrd_fast.config import _build as build_typed  # the run configs' typed loader, reused for one set of rules
-from rrd_fast.config import _yaml as parse_yaml  # YAML 1.2 booleans, as in run configs
+from rrd_fast.config import read_yaml_mapping
 
 DEFAULT_SEEDS = 3
 
@@ -200,13 +200,7 @@ def parse_sweep(tree: Any, source: str | Path) -> SweepSpec:
 
 def load_sweep(path: str | Path) -> SweepSpec:
     path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"{path}: sweep file not found")
-    try:
-        tree = parse_yaml(path.read_text())
-    except Exception as exc:  # yaml.YAMLError and its subclasses
-        raise SweepError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return parse_sweep(tree, path)
+    return parse_sweep(read_yaml_mapping(path, "sweep file", SweepError), path)
 
 
 def check_sweep(spec: SweepSpec) -> None:

@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 
-from rrd_fast.config import ConfigError, _build, _yaml, config_to_dict, parse_override
+from rrd_fast.config import ConfigError, _build, config_to_dict, parse_override, read_yaml_mapping
 
 # The reference lowers the probe's learning rate for these students (transfer_student.py).
 SMALL_LR_ARCHS: dict[str, float] = {"MobileNetV2": 0.01, "ShuffleV1": 0.01, "ShuffleV2": 0.01}
@@ -71,18 +70,7 @@ def validate(cfg: ProbeConfig) -> None:
 def load_probe_config(path: str | Path | None = None, overrides: list[str] | None = None,
                       values: dict[str, Any] | None = None) -> ProbeConfig:
     """Read YAML (optional), then `values` (command-line flags), then `key=value` overrides; build the typed config."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            loaded = _yaml(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        tree = dict(loaded or {})
+    tree = read_yaml_mapping(path) if path is not None else {}
     tree.update({k: v for k, v in (values or {}).items() if v is not None})
     for text in overrides or []:
         key, value = parse_override(text)
