@@ -1,5 +1,6 @@
 """Sweeps end to end on tiny CIFAR-100 data: local, parallel and submitit runs, resume after a kill,
-failures, teacher acceptance, the report against the run folders, bad input, and the demo's quick mode."""
+failures, teacher acceptance, the report against the run folders, transfer probes and their table,
+bad input, and the demo's quick mode."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 import yaml
 
 from pipelines.formats.fashion_mnist import DEBIAN_FASHION_MNIST
-from pipelines.synthetic import class_images, write_py2_pickle
+from pipelines.synthetic import class_images, write_py2_pickle, write_stl10, write_tiny_imagenet
 from rrd_fast.checkpoint import read_model_checkpoint, write_model_checkpoint
 from rrd_fast.cli import run_cli
 from rrd_fast.methods import list_methods
@@ -29,6 +30,7 @@ from rrd_fast.sweep.report import build_figure, render
 from rrd_fast.sweep.driver import run_sweep
 from rrd_fast.sweep.runner import core_groups
 from rrd_fast.sweep.spec import SweepError, parse_sweep
+from rrd_fast.sweep.transfer_report import build_transfer_figure
 
 REPO = Path(__file__).resolve().parent.parent
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
@@ -77,6 +79,22 @@ def random_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
                            {"arch": "resnet8", "num_classes": 100, "in_channels": 3, "image_size": 32,
                             "normalization": {"mean": list(CIFAR100_MEAN), "std": list(CIFAR100_STD)}})
     return out
+
+
+@pytest.fixture(scope="module")
+def targets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny STL-10 (20 train, 10 test) and Tiny-ImageNet (3 classes, 4 train and 2 val each) in their real layouts."""
+    base = tmp_path_factory.mktemp("targets")
+    return {"stl10": write_stl10(base / "stl", 20, 10, seed=1),
+            "tiny_imagenet": write_tiny_imagenet(base / "tiny", 3, 4, 2, seed=2)}
+
+
+PROBE_OVERRIDES = ["epochs=2", "milestones=[1]", "batch_size=8", "eval_batch_size=16", "device=cpu", "progress=false",
+                   "workers=1"]
+
+
+def transfer_section(targets: dict[str, Path], **fields: Any) -> dict[str, Any]:
+    return {"datasets": {k: str(v) for k, v in targets.items()}, "overrides": PROBE_OVERRIDES, **fields}
 
 
 def tree(out: Path, base: Path, teacher: Path, **fields: Any) -> dict[str, Any]:
@@ -215,16 +233,30 @@ def copy_without(out: Path, dest: Path, drop: list[str]) -> None:
 
 
 def test_submitit_local_executor_runs_a_job_array_with_the_same_results(
-        local: tuple[Path, int, list[str]], base: Path, random_teacher: Path, tmp_path: Path) -> None:
+        local: tuple[Path, int, list[str]], base: Path, random_teacher: Path, targets: dict[str, Path],
+        tmp_path: Path) -> None:
     pytest.importorskip("submitit", reason="the slurm extra (submitit) is not installed")
     out, _, _ = local
     drop = ["r14_r8_kd_seed1", "imp_rrd_seed1"]
     copy_without(out, tmp_path / "out", drop)
-    path = sweep_file(tmp_path / "sweep.yaml", tree(tmp_path / "out", base, random_teacher, slurm={"timeout_min": 10}))
+    transfer = transfer_section({"stl10": targets["stl10"]}, pairs=["imp"], methods=["rrd"])
+    path = sweep_file(tmp_path / "sweep.yaml", tree(tmp_path / "out", base, random_teacher, slurm={"timeout_min": 10},
+                                                    transfer=transfer))
     log: list[str] = []
-    code = run_sweep(parse_sweep(yaml.safe_load(path.read_text()), path), executor="submitit-local", log=log.append)
+    # Both dropped runs have seed 1, so --only seed=1 trains the same two; of the probes, only imp_rrd_seed1's runs.
+    code = run_sweep(parse_sweep(yaml.safe_load(path.read_text()), path), only=["seed=1"], executor="submitit-local",
+                     log=log.append)
     assert code == 0, log
-    assert any(line.startswith("submitted 2 jobs (submitit-local)") for line in log), log
+    runs = next(i for i, line in enumerate(log) if line.startswith("submitted 2 jobs (submitit-local)"))
+    probes = next(i for i, line in enumerate(log) if line.startswith("submitted 1 jobs (submitit-local)"))
+    assert runs < probes and "imp_rrd_seed1: trained" in "\n".join(log[runs:probes]), log  # the probe after the runs
+    name = "imp_rrd_seed1.transfer.stl10_bn-train"
+    status = json.loads((tmp_path / "out" / "status" / f"{name}.json").read_text())
+    assert (status["action"], status["status"], status["role"]) == ("train", "done", "probe")
+    assert status["pid"] != os.getpid()
+    result = json.loads((tmp_path / "out" / "imp_rrd_seed1" / "transfer" / "stl10_bn-train" / "result.json").read_text())
+    assert status["top1_last"] == result["top1_last"] and result["epochs"] == 2
+    assert not (tmp_path / "out" / "imp_rrd_seed0" / "transfer").exists()
     for name in drop:
         status = json.loads((tmp_path / "out" / "status" / f"{name}.json").read_text())
         assert status["action"] == "train" and status["pid"] != os.getpid()
@@ -345,6 +377,145 @@ def test_a_failing_run_is_reported_and_the_others_finish(base: Path, tmp_path: P
     assert any("FAILED" in line and "fsp" in line for line in log)
 
 
+# ---------------------------------------------------------------------- transfer probes
+TRANSFER_ROWS = {"teacher": ["resnet14_vanilla_seed0"], "vanilla": ["resnet8_vanilla_seed0", "resnet8_vanilla_seed1"],
+                 "kd": ["r14_r8_kd_seed0", "r14_r8_kd_seed1"]}
+PUBLISHED_TRANSFER = {"teacher": (68.6, 31.5), "vanilla": (69.7, 33.7), "kd": (70.9, 33.9)}  # wrn_40_2 -> wrn_16_2
+
+
+def probe_results(out: Path, run: str) -> dict[str, dict[str, Any]]:
+    """{dataset: result.json} of a run's probes, read here from the files."""
+    found = {}
+    for dataset in ("stl10", "tiny_imagenet"):
+        path = out / run / "transfer" / f"{dataset}_bn-train" / "result.json"
+        if path.is_file():
+            found[dataset] = json.loads(path.read_text())
+    return found
+
+
+@pytest.fixture(scope="module")
+def probed(local: tuple[Path, int, list[str]], base: Path, random_teacher: Path, targets: dict[str, Path],
+           tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The local sweep's finished runs, copied, with a transfer section, so that only probes run: first with one
+    student's weights corrupted (its two probes fail), then again with them restored."""
+    out, _, _ = local
+    root = tmp_path_factory.mktemp("probed")
+    copy_without(out, root / "out", [])
+    content = tree(root / "out", base, random_teacher,
+                   transfer=transfer_section(targets, pairs=["r14_r8"], methods=["vanilla", "kd"]))
+    content["pairs"][0]["published"] = "wrn_40_2_wrn_16_2"  # the column the paper's transfer table has
+    path = sweep_file(root / "sweep.yaml", content)
+    weights = root / "out" / "r14_r8_kd_seed1" / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    first: list[str] = []
+    first_code = run_sweep(parse_sweep(yaml.safe_load(path.read_text()), path), log=first.append)
+    first_results = json.loads((root / "out" / "results.json").read_text())
+    first_md = (root / "out" / "results.md").read_text()
+    mtimes = {p: p.stat().st_mtime_ns for p in (root / "out").glob("*/transfer/*/result.json")}
+    weights.write_bytes(good)
+    log: list[str] = []
+    code = run_sweep(parse_sweep(yaml.safe_load(path.read_text()), path), log=log.append)
+    dry: list[str] = []
+    run_sweep(parse_sweep(yaml.safe_load(path.read_text()), path), dry_run=True, log=dry.append)
+    return {"out": root / "out", "first_code": first_code, "first_log": first, "first_results": first_results,
+            "first_md": first_md, "mtimes": mtimes, "code": code, "log": log, "dry": dry}
+
+
+def transfer_row(results: dict[str, Any], method: str) -> dict[str, Any]:
+    (pair,) = results["transfer"]["pairs"]
+    return next(r for r in pair["rows"] if r["method"] == method)
+
+
+def test_transfer_table_numbers_are_the_probes_result_files(probed: dict[str, Any]) -> None:
+    out = probed["out"]
+    results = json.loads((out / "results.json").read_text())
+    transfer = results["transfer"]
+    assert transfer["bn"] == "train" and transfer["bn_used"] == ["train"]
+    assert [r["method"] for r in transfer["pairs"][0]["rows"]] == ["teacher", "vanilla", "kd"]
+    seen = set()
+    for method, runs in TRANSFER_ROWS.items():
+        row = transfer_row(results, method)
+        for i, dataset in enumerate(("stl10", "tiny_imagenet")):
+            files = [probe_results(out, run)[dataset] for run in runs]
+            assert [f["seed"] for f in files] == [int(run[-1]) for run in runs]  # the probe seed is the run's
+            last, best = np.array([f["top1_last"] for f in files]), np.array([f["top1_best"] for f in files])
+            seen.update(last.tolist())
+            cell = row["datasets"][dataset]
+            assert cell["n"] == len(runs) and cell["bn"] == ["train"] and cell["epochs"] == [2] * len(runs)
+            assert cell["top1_last"]["mean"] == pytest.approx(last.mean())
+            assert cell["top1_best"]["mean"] == pytest.approx(best.mean())
+            if len(runs) > 1:
+                assert cell["top1_last"]["std"] == pytest.approx(last.std(ddof=1))
+                assert cell["top1_best"]["std"] == pytest.approx(best.std(ddof=1))
+            assert cell["published"] == PUBLISHED_TRANSFER[method][i]
+            assert cell["diff_last"] == pytest.approx(last.mean() - PUBLISHED_TRANSFER[method][i])
+    assert len(seen) > 1, "the tiny probes should give differing top-1 values"
+    md = (out / "results.md").read_text()
+    assert "BatchNorm while probing: **train**" in md
+    cells = transfer_row(results, "kd")["datasets"]
+    expected = "| KD (kd) | " + " | ".join(
+        f"{c['top1_last']['mean']:.2f} ± {c['top1_last']['std']:.2f} (n=2) | {c['published']:.2f} | {c['diff_last']:+.2f}"
+        for c in (cells["stl10"], cells["tiny_imagenet"])) + " |"
+    assert expected in md.splitlines(), md
+    rows = [r for r in csv_rows(out) if r["table"] == "transfer"]
+    assert len(rows) == 6 and {r["dataset"] for r in rows} == {"stl10", "tiny_imagenet"}
+    teacher = next(r for r in rows if r["method"] == "teacher" and r["dataset"] == "stl10")
+    assert float(teacher["top1_last_mean"]) == probe_results(out, "resnet14_vanilla_seed0")["stl10"]["top1_last"]
+    assert teacher["bn"] == "train" and teacher["probe_epochs"] == "2"
+    assert (out / "results_transfer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def csv_rows(out: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(out / "results.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_a_failed_probe_is_reported_and_the_others_finish(probed: dict[str, Any]) -> None:
+    assert probed["first_code"] == 1
+    failed = probed["first_results"]["transfer"]["failed"]
+    assert sorted(f["probe"] for f in failed) == [f"r14_r8_kd_seed1.transfer.{d}_bn-train" for d in ("stl10", "tiny_imagenet")]
+    assert all("sha256" in f["error"] for f in failed), failed
+    kd = transfer_row(probed["first_results"], "kd")["datasets"]["stl10"]
+    assert kd["n"] == 1 and kd["failed_seeds"] == [1]
+    assert "### Failed probes" in probed["first_md"] and "STL-10 failed seeds [1]" in probed["first_md"]
+    assert len(probed["mtimes"]) == 8  # every other probe finished
+    assert sum("FAILED" in line and ".transfer." in line for line in probed["first_log"]) == 2
+
+
+def test_a_rerun_skips_finished_probes(probed: dict[str, Any]) -> None:
+    assert probed["code"] == 0, probed["log"]
+    assert sum(".transfer." in line and "finished already, skipped" in line for line in probed["log"]) == 8
+    assert sum(".transfer." in line and ": probed in" in line for line in probed["log"]) == 2, probed["log"]
+    for path, mtime in probed["mtimes"].items():
+        assert path.stat().st_mtime_ns == mtime, path
+    results = json.loads((probed["out"] / "results.json").read_text())
+    assert transfer_row(results, "kd")["datasets"]["stl10"]["n"] == 2 and not results["transfer"]["failed"]
+    probes = [ln for ln in probed["dry"] if ".transfer." in ln]
+    assert len(probes) == 10 and all(ln.split()[0] == "done" for ln in probes)
+    assert any(ln.startswith("10 probes (10 done)") for ln in probed["dry"]), probed["dry"]
+
+
+def test_transfer_table_and_figure_are_rendered_from_results_json(probed: dict[str, Any], tmp_path: Path) -> None:
+    results = json.loads((probed["out"] / "results.json").read_text())
+    cell = transfer_row(results, "vanilla")["datasets"]["tiny_imagenet"]
+    cell["top1_last"].update(mean=12.345, std=0.678)
+    (tmp_path / "results.json").write_text(json.dumps(results))  # nothing else is in this folder
+    paths = render(tmp_path)
+    assert "| 12.35 ± 0.68 (n=2) | 33.70 |" in paths["md"].read_text()
+    assert "12.345" in paths["csv"].read_text() and paths["transfer_png"].is_file()
+    fig = build_transfer_figure(results)
+    ax = fig.axes[1]  # the pair's Tiny-ImageNet panel
+    last = next(c for c in ax.containers if c.get_label().startswith("ours, last"))
+    assert last.lines[0].get_ydata()[1] == pytest.approx(12.345)
+    segment = last.lines[2][0].get_segments()[1]
+    assert segment[1][1] - segment[0][1] == pytest.approx(2 * 0.678)
+    stars = ax.collections[-1].get_offsets()
+    assert stars[:, 1].tolist() == pytest.approx([31.5, 33.7, 33.9])
+
+
 def test_parallel_workers_get_disjoint_cores() -> None:
     assert core_groups(2, [0, 1, 2, 3]) == [[0, 1], [2, 3]]
     assert core_groups(3, [4, 5, 6, 7, 8]) == [[4, 5], [6, 7], [8]]
@@ -380,6 +551,20 @@ BAD = {
     "unknown config key": ({"overrides": ["optim.epoch=3"]}, ["overrides[0]", "optim.epoch"]),
     "empty seeds": ({"seeds": []}, ["seeds", "empty"]),
     "missing dataset": ({"overrides": ["data.root={tmp}/nowhere"]}, ["data.root", "nowhere", "does not exist"]),
+    "unknown transfer key": ({"transfer": {"datasets": {"stl10": "{tmp}"}, "epochs": 3}}, ["'transfer.epochs'"]),
+    "unknown transfer data set": ({"transfer": {"datasets": {"stl-10": "{tmp}"}}},
+                                  ["transfer.datasets.stl-10", "unknown data set", "did you mean 'stl10'"]),
+    "missing transfer folder": ({"transfer": {"datasets": {"tiny_imagenet": "{tmp}/nowhere"}}},
+                                ["transfer.datasets.tiny_imagenet", "nowhere", "does not exist"]),
+    "transfer method not in the sweep": ({"transfer": {"datasets": {"stl10": "{tmp}"}, "methods": ["kd", "crd"]}},
+                                         ["transfer.methods[1]", "'crd'", "not a method of this sweep"]),
+    "unknown transfer pair": ({"transfer": {"datasets": {"stl10": "{tmp}"}, "pairs": ["r14"]}},
+                              ["transfer.pairs[0]", "'r14'"]),
+    "unknown probe key": ({"transfer": {"datasets": {"stl10": "{tmp}"}, "overrides": ["epoch=3"]}},
+                          ["transfer.overrides[0]", "epoch=3", "did you mean 'epochs'"]),
+    "probe root in overrides": ({"transfer": {"datasets": {"stl10": "{tmp}"}, "overrides": ["root=/data"]}},
+                                ["transfer.overrides[0]", "set by transfer.datasets"]),
+    "unknown bn mode": ({"transfer": {"datasets": {"stl10": "{tmp}"}, "bn": "frozen"}}, ["transfer.bn", "'frozen'"]),
 }
 
 
@@ -426,8 +611,14 @@ def test_paper_sweep_file_covers_both_tables(tmp_path: Path) -> None:
     spec.methods, spec.seeds = ["kd", "rrd_kd"], [0]  # a plan small enough to build in a test
     lines: list[str] = []
     assert run_sweep(spec, dry_run=True, log=lines.append) == 0
-    assert sum(ln.strip().startswith("new") for ln in lines) == 6 + 9 + 26  # teachers, students alone, 13 pairs x 2
+    runs = [ln for ln in lines if ln.strip().startswith("new") and ".transfer." not in ln]
+    assert len(runs) == 6 + 9 + 26  # teachers, students alone, 13 pairs x 2
     assert "resnet32x4_vanilla_seed0" in "\n".join(lines)
+    # The transfer section: wrn_40_2 -> wrn_16_2's teacher, student alone and (here) kd and rrd_kd runs, on both data sets.
+    assert spec.transfer is not None and spec.transfer.pairs == ["wrn_40_2_wrn_16_2"] and spec.transfer.bn == "train"
+    probes = sorted(ln.split()[2] for ln in lines if ".transfer." in ln)
+    assert probes == sorted(f"{run}.transfer.{d}_bn-train" for d in ("stl10", "tiny_imagenet") for run in (
+        "wrn_40_2_vanilla_seed0", "wrn_16_2_vanilla_seed0", "wrn_40_2_wrn_16_2_kd_seed0", "wrn_40_2_wrn_16_2_rrd_kd_seed0"))
     summary = next(ln for ln in lines if ln.startswith("41 runs"))
     assert "estimated GPU-hours left: unknown" in summary
 
@@ -455,6 +646,12 @@ def test_published_table_file() -> None:
     assert table.method("resnet32x4_resnet8x4", "kd").source == "repdistiller"
     dkd = table.method("resnet32x4_resnet8x4", "dkd")
     assert dkd.top1 == 76.32 and dkd.source == "dkd"
+    # The transfer table: wrn_40_2 -> wrn_16_2 only, STL-10 and Tiny-ImageNet columns.
+    assert table.transfer("wrn_40_2_wrn_16_2", "teacher", "stl10").top1 == 68.6
+    assert table.transfer("wrn_40_2_wrn_16_2", "student", "tiny_imagenet").top1 == 33.7
+    assert table.transfer("wrn_40_2_wrn_16_2", "rrd_kd", "tiny_imagenet").top1 == 34.5
+    assert table.transfer("wrn_40_2_wrn_16_2", "crd_kd", "stl10").source == "rrd_readme"
+    assert table.transfer("resnet32x4_resnet8x4", "kd", "stl10") is None
 
 
 @pytest.mark.skipif(not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").exists(),

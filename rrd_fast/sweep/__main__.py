@@ -4,8 +4,8 @@
                                         [--parallel N] [--executor local|slurm|submitit-local]
     python -m rrd_fast.sweep report SWEEP_DIR
 
-Exit codes: 0 every selected run finished, 1 some run failed (the others ran), 2 bad input
-or a teacher below teacher_min_top1 (nothing, or no student, was started).
+Exit codes: 0 every selected run (and transfer probe) finished, 1 some run or probe failed (the
+others ran), 2 bad input or a teacher below teacher_min_top1 (nothing, or no student, was started).
 """
 
 from __future__ import annotations

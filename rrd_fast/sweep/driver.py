@@ -1,7 +1,8 @@
-"""A whole sweep: check the file, plan, teachers, teacher acceptance, students, report.
+"""A whole sweep: check the file, plan, teachers, teacher acceptance, students, transfer probes, report.
 
 Waves keep the order (teachers, then students alone and each teacher cache's first run,
-then the rest); runs within a wave go to the chosen executor together.
+then the rest, then the transfer probes of the finished runs); jobs within a wave go to
+the chosen executor together.
 """
 
 from __future__ import annotations
@@ -37,20 +38,50 @@ def _skipped(plan: Plan, name: str) -> dict[str, Any]:
             "top1_best": summary.get("top1_best")}
 
 
+def probe_wave(plan: Plan, probes: list[str], runner: Executor,
+               log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """The transfer probes of finished runs: skip finished probes, report those whose run did not finish."""
+    from rrd_fast.sweep.probes import probe_state, skipped_probe, stale_note
+
+    results: dict[str, dict[str, Any]] = {}
+    todo = []
+    for name in probes:
+        probe = plan.probes[name]
+        if run_state(plan.run_dir(probe.run), plan.runs[probe.run].epochs).state != "done":
+            results[name] = {"run": name, "role": "probe", "status": "failed",
+                             "error": f"not started: its run {probe.run} did not finish"}
+            write_status(plan.path, name, results[name])
+            log(outcome_text(results[name]))
+        elif probe_state(plan, probe).state == "done":
+            results[name] = skipped_probe(plan, name)
+            log(outcome_text(results[name]) + stale_note(probe, results[name]))
+        else:
+            todo.append(name)
+    for name, result in zip(todo, runner.run(plan, todo, log) if todo else []):
+        results[name] = result
+    return results
+
+
 def run_sweep(spec: SweepSpec, only: list[str] | None = None, executor: str = "local", parallel: int = 1,
               dry_run: bool = False, log: Callable[[str], None] = print) -> int:
-    """Check everything, then teachers, acceptance, students; write the report. 0: all runs done, 1: some failed."""
+    """Check everything, then teachers, acceptance, students, probes; write the report. 0: all done, 1: some failed."""
     from rrd_fast.sweep.acceptance import accept_teachers
+    from rrd_fast.sweep.probes import describe_probes, select_probes
     from rrd_fast.sweep.report import write_report
 
     plan = build_plan(spec, check_data=not dry_run)
-    names = select(plan, parse_only(list(only or []), plan))
+    wanted = parse_only(list(only or []), plan)
+    names = select(plan, wanted)
+    probes = select_probes(plan, names, wanted)
     runner = make(executor, parallel)
     if dry_run:
         describe(plan, names, log)
+        if plan.transfer:
+            describe_probes(plan, probes, log)
         return 0
     write_plan(plan)
-    log(f"sweep {plan.name}: {len(names)} runs in {plan.sweep_dir} ({executor}"
+    log(f"sweep {plan.name}: {len(names)} runs" + (f" and {len(probes)} transfer probes" if probes else "")
+        + f" in {plan.sweep_dir} ({executor}"
         + (f", {parallel} at once" if parallel > 1 else "") + ")")
     results: dict[str, dict[str, Any]] = {}
 
@@ -78,15 +109,20 @@ def run_sweep(spec: SweepSpec, only: list[str] | None = None, executor: str = "l
     accept_teachers(plan, pairs, log)  # a pair whose teacher run did not finish has its students reported as not started
     wave(1)
     wave(2)
+    probe_results = probe_wave(plan, probes, runner, log)
     paths = write_report(plan.path)
-    failed = [r for r in results.values() if r.get("status") != "done"]
-    counts: dict[str, int] = {}
-    for r in results.values():
-        if r.get("status") == "done":
-            counts[r.get("action", "train")] = counts.get(r.get("action", "train"), 0) + 1
-    done = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-    log(f"sweep {plan.name}: {len(results)} runs ({done or 'none done'}" + (f", {len(failed)} failed" if failed else "")
-        + f"); report: {paths['md']}")
+    failed = [r for r in [*results.values(), *probe_results.values()] if r.get("status") != "done"]
+
+    def summary(group: dict[str, dict[str, Any]], noun: str) -> str:
+        counts: dict[str, int] = {}
+        for r in group.values():
+            key = r.get("action", "train") if r.get("status") == "done" else "failed"
+            key = "probed" if noun == "probes" and key == "train" else key
+            counts[key] = counts.get(key, 0) + 1
+        return f"{len(group)} {noun} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items())) or 'none'})"
+
+    text = summary(results, "runs") + (", " + summary(probe_results, "probes") if probes else "")
+    log(f"sweep {plan.name}: {text}; report: {paths['md']}")
     for r in failed:
         log(f"   failed: {r['run']}: {r.get('error')}")
     return 1 if failed else 0

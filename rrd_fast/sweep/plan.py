@@ -8,6 +8,8 @@ sweep was started with.
 
 Waves order the runs: teachers (0); students alone, and each teacher cache's first run,
 which builds the cache (1); the cache's other runs (2). Runs within a wave are independent.
+A sweep with a `transfer` section adds probe jobs (`PlannedProbe`, rrd_fast.sweep.probes),
+one per probed run and data set, which run after every wave.
 """
 
 from __future__ import annotations
@@ -45,6 +47,29 @@ class PlannedRun:
 
 
 @dataclass
+class PlannedProbe:
+    """One linear probe (`rrd_fast.transfer`) of a planned run on one data set; its own job."""
+
+    name: str  # job name: `<run>.transfer.<folder>`
+    run: str  # the run folder it probes
+    role: str  # the run's role: teacher | student_alone | distill
+    method: str  # "teacher", "vanilla" (the student alone) or the distillation method
+    seed: int  # the run's seed
+    dataset: str
+    folder: str  # RUN/transfer/<folder>/ holds its result.json
+    values: dict[str, Any]  # dataset, root, bn, seed: the probe config the section sets
+    overrides: list[str]  # transfer.overrides, applied after `values`
+    epochs: int
+    pairs: list[str] = field(default_factory=list)
+    kind: str = ""  # what the step rate depends on; probes of one kind share an estimate
+
+    def load(self) -> Any:
+        from rrd_fast.transfer.config import load_probe_config
+
+        return load_probe_config(None, self.overrides, values=self.values)
+
+
+@dataclass
 class PairPlan:
     name: str
     teacher: str
@@ -69,6 +94,8 @@ class Plan:
     pairs: list[PairPlan]
     runs: dict[str, PlannedRun]
     slurm: dict[str, Any] = field(default_factory=dict)
+    probes: dict[str, PlannedProbe] = field(default_factory=dict)  # job name -> probe
+    transfer: dict[str, Any] | None = None  # the resolved transfer section (absolute dataset folders)
 
     @property
     def path(self) -> Path:
@@ -85,6 +112,7 @@ class Plan:
         data = {k: v for k, v in data.items() if k != "format"}
         data["pairs"] = [PairPlan(**p) for p in data["pairs"]]
         data["runs"] = {k: PlannedRun(**r) for k, r in data["runs"].items()}
+        data["probes"] = {k: PlannedProbe(**r) for k, r in data.get("probes", {}).items()}
         return cls(**data)
 
 
@@ -258,10 +286,15 @@ def build_plan(spec: SweepSpec, check_data: bool = True) -> Plan:
     `check_data=False` (dry runs) leaves missing dataset folders to `missing_data`, so that
     the plan can be looked at before the data is in place.
     """
+    from rrd_fast.sweep.probes import check_transfer_data, plan_probes
+
     _check_overrides(spec)
     builder = _Builder(spec)
     plan = builder.build()
     check_runs(spec, builder.configs, check_data)
+    plan_probes(spec, plan, builder.configs)
+    if check_data:
+        check_transfer_data(plan, spec.source)
     plan.configs = builder.configs  # type: ignore[attr-defined]  # resolved once; not part of sweep.json
     return plan
 

@@ -3,7 +3,8 @@
 The bundled file (`published_cifar100.json`) holds the RRD paper's two CIFAR-100 tables as
 printed, one row per method and one column per teacher/student pair, and says where each
 row comes from; a sweep names it with `published: cifar100` or gives the path of another
-file in the same format.
+file in the same format. Its optional `transfer` section holds the transfer table (linear
+probes on STL-10 and Tiny-ImageNet), per pair, row (teacher, student, method) and data set.
 """
 
 from __future__ import annotations
@@ -51,6 +52,20 @@ class PublishedTable:
                     if values[i] is not None:
                         source = data.get("methods", {}).get(method, {}).get("source", "")
                         self._cells[(pair, method)] = Published(float(values[i]), source)
+        self._transfer: dict[tuple[str, str, str], Published] = {}
+        transfer = data.get("transfer")
+        if transfer:
+            known = list(transfer["datasets"])
+            for pair, entry in transfer["pairs"].items():
+                rows = [("teacher", entry.get("teacher", {})), ("student", entry.get("student", {})),
+                        *entry.get("rows", {}).items()]
+                for row, values in rows:
+                    for dataset, value in values.items():
+                        if dataset not in known:
+                            raise ConfigError(f"{path}: transfer.pairs.{pair}: row {row!r} names data set {dataset!r}, "
+                                              f"not one of transfer.datasets {known}")
+                        if value is not None:
+                            self._transfer[(pair, row, dataset)] = Published(float(value), str(transfer["source"]))
         for note in data.get("notes", []):
             self._cells.setdefault((note["pair"], note["method"]),
                                    Published(float(note["top1"]), note["source"], note.get("text", "")))
@@ -67,6 +82,18 @@ class PublishedTable:
 
     def student(self, pair: str) -> Published | None:
         return self._student.get(pair)
+
+    def transfer(self, pair: str, row: str, dataset: str) -> Published | None:
+        """A transfer-table cell; `row` is "teacher", "student" or a method name."""
+        return self._transfer.get((pair, row, dataset))
+
+    def transfer_info(self) -> dict[str, Any] | None:
+        """The transfer section's description (about, source, metric, bn, pairs), or None."""
+        transfer = self.data.get("transfer")
+        if not transfer:
+            return None
+        return {"about": transfer.get("about", ""), "source": transfer.get("source", ""),
+                "metric": transfer.get("metric", ""), "bn": transfer.get("bn"), "pairs": sorted(transfer["pairs"])}
 
     def arches(self, pair: str) -> tuple[str, str] | None:
         entry = self.data.get("arches", {}).get(pair)

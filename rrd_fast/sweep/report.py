@@ -4,7 +4,9 @@
 epoch), groups seeds per pair and method (mean and sample std, ddof=1), and adds the
 teacher's measured top-1 and the published numbers with their differences.
 `render` reads only results.json, so the table and the figure show exactly what the JSON
-holds; `write_report` does both.
+holds; `write_report` does both. A sweep with a transfer section also gets the transfer
+table (rrd_fast.sweep.transfer_report): results.json's "transfer", a second table in
+results.md, rows with table "transfer" in results.csv, and results_transfer.png.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from rrd_fast.atomic import atomic_path, write_json_atomic
 from rrd_fast.sweep.acceptance import measured_teachers, pair_key
 from rrd_fast.sweep.plan import Plan, main_records, read_plan, run_state
 from rrd_fast.sweep.status import read_status
+from rrd_fast.sweep.transfer_report import (CSV_EXTRA, build_transfer_figure, collect_transfer,
+                                            render_transfer_markdown, transfer_csv_rows)
 
 RESULTS_FORMAT = "rrd-fast-sweep-results/1"
 STUDENT_ALONE = "vanilla"
@@ -140,6 +144,7 @@ def collect(sweep_dir: str | Path) -> dict[str, Any]:
         "published": ({"file": str(table.path), "metric": table.data.get("metric"), "sources": table.sources}
                       if table else None),
         "pairs": pairs, "failed": failed,
+        "transfer": collect_transfer(plan, table, labels),
     }
 
 
@@ -207,11 +212,14 @@ def render_markdown(results: dict[str, Any]) -> str:
                 lines.append(f"- {entry['label']}: {verdict(entry, 'top1_last')}; {verdict(entry, 'top1_best')}.")
     if results["failed"]:
         lines += ["", "## Failed runs", ""] + [f"- {f['run']}: {f['error']}" for f in results["failed"]]
+    lines += render_transfer_markdown(results)
     return "\n".join(lines) + "\n"
 
 
-CSV_FIELDS = ["pair", "teacher", "student", "method", "n", "seeds", "top1_last_mean", "top1_last_std", "top1_best_mean",
-              "top1_best_std", "published", "diff_last", "diff_best", "teacher_top1", "teacher_published"]
+# `table`: "main" for the sweep's own table, "transfer" for the linear probes (their dataset, bn and epochs filled).
+CSV_FIELDS = ["table", "pair", "teacher", "student", "method", "n", "seeds", "top1_last_mean", "top1_last_std",
+              "top1_best_mean", "top1_best_std", "published", "diff_last", "diff_best", "teacher_top1",
+              "teacher_published", *CSV_EXTRA]
 
 
 def render_csv(results: dict[str, Any]) -> str:
@@ -221,13 +229,15 @@ def render_csv(results: dict[str, Any]) -> str:
     for pair in results["pairs"]:
         for row in pair["rows"]:
             writer.writerow({
-                "pair": pair["pair"], "teacher": pair["teacher"], "student": pair["student"], "method": row["method"],
+                "table": "main", "pair": pair["pair"], "teacher": pair["teacher"], "student": pair["student"], "method": row["method"],
                 "n": row["n"], "seeds": " ".join(map(str, row["seeds"])),
                 "top1_last_mean": row["top1_last"]["mean"], "top1_last_std": row["top1_last"]["std"],
                 "top1_best_mean": row["top1_best"]["mean"], "top1_best_std": row["top1_best"]["std"],
                 "published": row["published"], "diff_last": row["diff_last"], "diff_best": row["diff_best"],
                 "teacher_top1": pair["teacher_top1"], "teacher_published": pair["teacher_published"],
             })
+    for entry in transfer_csv_rows(results):
+        writer.writerow(entry)
     return buf.getvalue()
 
 
@@ -273,7 +283,7 @@ def build_figure(results: dict[str, Any]) -> Any:
 
 
 def render(sweep_dir: str | Path) -> dict[str, Path]:
-    """results.md, results.csv and results.png from results.json (and nothing else)."""
+    """results.md, results.csv and results.png (and results_transfer.png) from results.json (and nothing else)."""
     sweep_dir = Path(sweep_dir)
     results = json.loads((sweep_dir / "results.json").read_text())
     paths = {"json": sweep_dir / "results.json", "md": sweep_dir / "results.md", "csv": sweep_dir / "results.csv",
@@ -285,6 +295,10 @@ def render(sweep_dir: str | Path) -> dict[str, Path]:
     fig = build_figure(results)
     with atomic_path(paths["png"]) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
+    if results.get("transfer"):
+        paths["transfer_png"] = sweep_dir / "results_transfer.png"
+        with atomic_path(paths["transfer_png"]) as tmp:
+            build_transfer_figure(results).savefig(tmp, format="png", dpi=110)
     return paths
 
 

@@ -4,7 +4,9 @@
 Every executor runs the same `execute_run`, which turns a planned run into a Trainer and
 decides from the run folder what to do: skip a finished run, resume an interrupted one,
 restart one killed before its first epoch ended, or start it. Its outcome is written to
-`status/<run>.json`; a failed run is reported there and the others go on.
+`status/<run>.json`; a failed run is reported there and the others go on. Transfer probes
+(rrd_fast.sweep.probes) are jobs too: `execute_job` runs either, by name, so every executor
+runs both the same way.
 """
 
 from __future__ import annotations
@@ -67,6 +69,16 @@ def execute_run(sweep_dir: str | Path, name: str) -> dict[str, Any]:
     return result
 
 
+def execute_job(sweep_dir: str | Path, name: str) -> dict[str, Any]:
+    """A planned run or a planned transfer probe, by its name in sweep.json."""
+    plan = read_plan(sweep_dir)
+    if name in plan.probes:
+        from rrd_fast.sweep.probes import execute_probe
+
+        return execute_probe(sweep_dir, name)
+    return execute_run(sweep_dir, name)
+
+
 # ---------------------------------------------------------------------- executors
 class Executor:
     """Runs a list of independent planned runs and returns their results, in order."""
@@ -82,7 +94,7 @@ class InProcess(Executor):
         results = []
         for name in names:
             log(f"-> {name}")
-            results.append(execute_run(plan.path, name))
+            results.append(execute_job(plan.path, name))
             log(outcome_text(results[-1]))
         return results
 
@@ -165,8 +177,13 @@ def outcome_text(result: dict[str, Any]) -> str:
     name = result.get("run", "?")
     if result.get("status") != "done":
         return f"   {name}: FAILED: {result.get('error', 'unknown error')}"
-    action = {"skip": "finished already, skipped", "resume": f"resumed after epoch {result.get('from_epoch')}",
-              "restart": "restarted (killed before its first epoch ended)", "train": "trained"}[result.get("action", "train")]
+    if result.get("role") == "probe":
+        action = {"skip": "finished already, skipped", "restart": "probed again (an earlier probe did not finish)",
+                  "train": "probed"}[result.get("action", "train")]
+    else:
+        action = {"skip": "finished already, skipped", "resume": f"resumed after epoch {result.get('from_epoch')}",
+                  "restart": "restarted (killed before its first epoch ended)",
+                  "train": "trained"}[result.get("action", "train")]
     top1 = ""
     if isinstance(result.get("top1_last"), (int, float)):
         top1 = f", top-1 last {result['top1_last']:.2f}, best {result['top1_best']:.2f}"

@@ -1,7 +1,8 @@
-"""submitit glue (the optional `slurm` extra): one job per run, submitted as a job array.
+"""submitit glue (the optional `slurm` extra): one job per run or transfer probe, submitted as a job array.
 
 `RunJob` is checkpointable: when Slurm preempts a job or its time runs out, submitit
-requeues the same call, and `execute_run` resumes the run from its last epoch.
+requeues the same call, and `execute_job` resumes the run from its last epoch (a probe
+starts over).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from rrd_fast.sweep.plan import Plan
-from rrd_fast.sweep.runner import Executor, execute_run, one_line, outcome_text, visible_devices
+from rrd_fast.sweep.runner import Executor, execute_job, one_line, outcome_text, visible_devices
 from rrd_fast.sweep.spec import SweepError
 from rrd_fast.sweep.status import read_status, status_path
 
@@ -24,10 +25,10 @@ SUBMITIT_DIR = "submitit"
 
 
 class RunJob(submitit.helpers.Checkpointable):
-    """The job: `execute_run(sweep_dir, name)`, requeued as is on timeout or preemption."""
+    """The job: `execute_job(sweep_dir, name)`, requeued as is on timeout or preemption."""
 
     def __call__(self, sweep_dir: str, name: str) -> dict[str, Any]:
-        return execute_run(sweep_dir, name)
+        return execute_job(sweep_dir, name)
 
 
 def make_executor(kind: str, plan: Plan) -> Any:

@@ -9,6 +9,13 @@ A sweep names teacher/student pairs, methods, seeds and the overrides every run 
     methods: all                       # or a list; vanilla is the student baseline, not a method
     seeds: 3                           # or a list of seeds
     overrides: [optim.epochs=240]      # or a mapping {optim: {epochs: 240}}
+    transfer:                          # optional: linear probes of the finished runs (the paper's transfer table)
+      datasets: {stl10: data/stl10, tiny_imagenet: data/tiny-imagenet-200}
+      bn: train                        # or eval (see rrd_fast.transfer)
+      pairs: [wrn_40_2_wrn_16_2]       # optional subset; default every pair
+      methods: [vanilla, kd, rrd]      # optional subset of the sweep's methods (vanilla: the students alone)
+      teacher: true                    # also probe each teacher the sweep trains (the table's Teacher row)
+      overrides: [epochs=120]          # probe config keys (rrd_fast/transfer/config.py)
 
 Paths are relative to the current directory, as in run configs. Every mistake is a
 one-line `SweepError` naming the file and the field, raised before anything is trained.
@@ -20,7 +27,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pipelines.errors import did_you_mean
 from rrd_fast.config import ConfigError
@@ -73,6 +80,22 @@ class SlurmSpec:
 
 
 @dataclass
+class TransferSpec:
+    """Linear probes of the sweep's finished runs on STL-10 / Tiny-ImageNet (`rrd_fast.transfer`)."""
+
+    datasets: dict[str, str] = field(default_factory=dict)  # dataset -> its folder, as --root takes it
+    bn: Literal["train", "eval"] = "train"  # BatchNorm mode while probing; the report says which
+    pairs: list[str] | None = None  # None: every pair
+    methods: list[str] | None = None  # None ("all"): the students alone and every method of the sweep
+    teacher: bool = True  # also probe each teacher the sweep trains (an imported teacher is not probed)
+    overrides: list[str] = field(default_factory=list)  # probe config `key=value`, every probe
+
+
+# Probe config keys the transfer section itself sets; overrides may not repeat them.
+TRANSFER_OWN_KEYS = {"dataset": "transfer.datasets", "root": "transfer.datasets", "bn": "transfer.bn"}
+
+
+@dataclass
 class SweepSpec:
     name: str = ""
     output_dir: str = ""
@@ -90,6 +113,7 @@ class SweepSpec:
     exclude: list[ExcludeSpec] = field(default_factory=list)
     published: str | None = "cifar100"  # a bundled table, a file of that format, or null
     slurm: SlurmSpec = field(default_factory=SlurmSpec)
+    transfer: TransferSpec | None = None  # linear probes after the student runs
     source: str = ""  # the file this came from (set by the loader)
 
     @property
@@ -179,6 +203,13 @@ def _normalise(tree: dict[str, Any], where: str) -> dict[str, Any]:
     if isinstance(tree.get("method_overrides"), dict):
         tree["method_overrides"] = {m: overrides_list(v, f"{where}: method_overrides.{m}")
                                     for m, v in tree["method_overrides"].items()}
+    if isinstance(tree.get("transfer"), dict):
+        transfer = dict(tree["transfer"])
+        if transfer.get("methods") == "all":
+            transfer["methods"] = None
+        if "overrides" in transfer:
+            transfer["overrides"] = overrides_list(transfer["overrides"], f"{where}: transfer.overrides")
+        tree["transfer"] = transfer
     return tree
 
 
@@ -239,12 +270,86 @@ def check_sweep(spec: SweepSpec) -> None:
             raise SweepError(f"{where}: exclude[{i}].pair: {rule.pair!r} is not a pair of this sweep{did_you_mean(rule.pair, names)}")
         if rule.method != "*" and rule.method not in known:
             raise SweepError(f"{where}: exclude[{i}].method: unknown method {rule.method!r}{did_you_mean(rule.method, known)}")
+    check_transfer(spec)
     table = published_table(spec)
     for i, pair in enumerate(spec.pairs):
         teacher_pub = table.teacher(pair.published) if table else None
         raw = pair.teacher_min_top1 if pair.teacher_min_top1 is not None else spec.teacher_min_top1
         field_name = f"pairs[{i}].teacher_min_top1" if pair.teacher_min_top1 is not None else "teacher_min_top1"
         parse_threshold(raw, teacher_pub.top1 if teacher_pub else None, f"{where}: {field_name} (pair {pair.name})")
+
+
+def transfer_datasets() -> list[str]:
+    """The data sets a probe can target (the probe config's `dataset` choices)."""
+    import typing
+
+    from rrd_fast.transfer.config import ProbeConfig
+
+    return list(typing.get_args(typing.get_type_hints(ProbeConfig)["dataset"]))
+
+
+def transfer_methods(spec: SweepSpec) -> list[str]:
+    """The methods whose runs are probed: the section's list, or the students alone and every sweep method."""
+    if spec.transfer is None:
+        return []
+    if spec.transfer.methods is not None:
+        return list(spec.transfer.methods)
+    return (["vanilla"] if spec.student_baseline else []) + list(spec.methods)
+
+
+def check_transfer(spec: SweepSpec) -> None:
+    """The transfer section against the sweep (its pairs and methods) and the probe config's schema.
+
+    The dataset folders' existence is checked with the runs' data.root (plan.build_plan), so
+    that a dry run can show the plan before the data is in place.
+    """
+    from rrd_fast.transfer.config import load_probe_config, validate
+
+    transfer = spec.transfer
+    if transfer is None:
+        return
+    where = f"{spec.source}: transfer"
+    known = transfer_datasets()
+    if not transfer.datasets:
+        raise SweepError(f"{where}.datasets: expected a mapping of data set to folder, e.g. "
+                         f"{{stl10: DIR, tiny_imagenet: DIR}} (data sets: {', '.join(known)})")
+    for dataset, root in transfer.datasets.items():
+        if dataset not in known:
+            raise SweepError(f"{where}.datasets.{dataset}: unknown data set{did_you_mean(str(dataset), known)} "
+                             f"(known: {', '.join(known)})")
+        if not isinstance(root, str) or not root:
+            raise SweepError(f"{where}.datasets.{dataset}: expected the data set's folder, got {root!r}")
+    names = [p.name for p in spec.pairs]
+    if transfer.pairs is not None and not transfer.pairs:
+        raise SweepError(f"{where}.pairs: empty; leave it out to probe every pair's runs")
+    for i, pair in enumerate(transfer.pairs or []):
+        if pair not in names:
+            raise SweepError(f"{where}.pairs[{i}]: {pair!r} is not a pair of this sweep{did_you_mean(pair, names)}")
+    allowed = (["vanilla"] if spec.student_baseline else []) + list(spec.methods)
+    methods = transfer.methods or []
+    for i, method in enumerate(methods):
+        if method not in allowed:
+            why = " (vanilla, the students alone, needs student_baseline: true)" if method == "vanilla" else ""
+            raise SweepError(f"{where}.methods[{i}]: {method!r} is not a method of this sweep{why}"
+                             f"{did_you_mean(method, allowed)} (its methods: {', '.join(allowed)})")
+    if len(set(methods)) != len(methods):
+        raise SweepError(f"{where}.methods: {methods} repeats a method")
+    if transfer.methods is not None and not methods and not transfer.teacher:
+        raise SweepError(f"{where}.methods: empty and teacher: false, so nothing would be probed")
+    for i, text in enumerate(transfer.overrides):
+        key = text.split("=", 1)[0].strip()
+        if key in TRANSFER_OWN_KEYS:
+            raise SweepError(f"{where}.overrides[{i}] ({text}): {key} is set by {TRANSFER_OWN_KEYS[key]}")
+        try:
+            load_probe_config(None, [text], values={"root": "."})
+        except ConfigError as exc:
+            raise SweepError(f"{where}.overrides[{i}] ({text}): {exc}") from None
+    for dataset, root in transfer.datasets.items():
+        try:
+            validate(load_probe_config(None, transfer.overrides, values={"dataset": dataset, "root": root,
+                                                                          "bn": transfer.bn}))
+        except ConfigError as exc:
+            raise SweepError(f"{where} ({dataset}): {exc}") from None
 
 
 def published_table(spec: SweepSpec) -> Any:

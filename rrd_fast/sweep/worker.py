@@ -1,4 +1,4 @@
-"""One planned run in its own process: `python -m rrd_fast.sweep.worker SWEEP_DIR RUN` (--parallel N).
+"""One planned run or transfer probe in its own process: `python -m rrd_fast.sweep.worker SWEEP_DIR RUN` (--parallel N).
 
 The outcome goes to SWEEP_DIR/status/RUN.json; the exit code is 0 when the run finished.
 """
@@ -23,9 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2:
         print("usage: python -m rrd_fast.sweep.worker SWEEP_DIR RUN", file=sys.stderr)
         return 2
-    from rrd_fast.sweep.runner import execute_run
+    from rrd_fast.sweep.runner import execute_job
 
-    return 0 if execute_run(args[0], args[1])["status"] == "done" else 1
+    return 0 if execute_job(args[0], args[1])["status"] == "done" else 1
 
 
 if __name__ == "__main__":
