@@ -336,6 +336,17 @@ class TrainConfig:
     log_with: Literal["none", "tensorboard"] = field(default="none", metadata=meta("", (
         "experiment tracker, through Accelerate's; tensorboard: scalars per epoch in RUN_DIR/tensorboard "
         "(needs the tensorboard extra)")))
+    compile: Literal["off", "on", "auto"] = field(default="off", metadata=meta("", (
+        "torch.compile the distillation step (student, loss terms, memories, backward), the teacher's forward "
+        "and evaluation; auto: on for runs of at least 2000 training steps; the decision is printed")))
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = field(
+        default="default", metadata=meta("", (
+            "torch.compile mode; reduce-overhead (CUDA graphs) and max-autotune apply on CUDA only, CPUs use default")))
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = field(default="inductor", metadata=meta("", (
+        "torch.compile backend; aot_eager and eager trace without generating code (for debugging graph capture)")))
+    sync_every: int = field(default=20, metadata=meta(">0", (
+        "read the step's losses on the host (finiteness check, progress) every N steps, so the step itself "
+        "never waits for the device")))
 
 
 @dataclass

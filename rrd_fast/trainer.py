@@ -14,6 +14,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ from pipelines.batch import Batch
 from rrd_fast.atomic import atomic_path, write_json_atomic
 from rrd_fast.checkpoint import write_model_checkpoint
 from rrd_fast.cli import RunError
+from rrd_fast.compile import Compiler, resolve_compile, sgd
 from rrd_fast.config import RunConfig, config_to_dict, load_config, save_config
 from rrd_fast.data import RunData, build_data
 from rrd_fast.methods import InitStage, NetInfo, Objective, TermContext
@@ -152,7 +154,9 @@ class TrainingStopped(Exception):
 # Settings that cannot change the trajectory up to the point where a run stopped; anything else
 # differing on --resume would silently make a run that is neither the old one nor a new one.
 RESUME_MAY_CHANGE = ("name", "output_dir", "optim.epochs", "train.progress", "train.save_every", "train.save_every_steps",
-                     "train.log_with", "train.threads", "teacher.cache_verify")
+                     "train.log_with", "train.threads", "teacher.cache_verify", "train.sync_every",
+                     # compiled kernels round differently from eager ones; a resume may switch, exactness is per setting
+                     "train.compile", "train.compile_mode", "train.compile_backend")
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -195,12 +199,15 @@ class Trainer:
             self._check_resume_config(device)
         self.lock = None
         self._stop_signal: int | None = None
+        self._agreed_stop = 0  # the stop signal the last check agreed on; only this decides a stop
         warn_if_emulated(acc.device, cfg.train.mixed_precision)
         cfg.train.threads = resolve_threads(cfg)  # the same under every launcher; saved in config.yaml
         torch.manual_seed(cfg.seed)
         self.data: RunData = build_data(cfg.data, cfg.seed, acc.process_index, acc.num_processes, acc.device,
                                         cfg.train.mixed_precision)
         m = cfg.method
+        compiled, why = resolve_compile(cfg.train.compile, len(self.data.train) * cfg.optim.epochs, acc.device)
+        self.compiler = Compiler(compiled, cfg.train.compile_backend, cfg.train.compile_mode, acc.device)
         if acc.is_main_process and cfg.train.progress:
             print(f"data: {self.data.fmt.name}, {self.data.num_classes} classes, {self.data.num_train} train / "
                   f"{self.data.num_eval} eval samples, "
@@ -209,6 +216,8 @@ class Trainer:
                   f"train.mixed_precision={cfg.train.mixed_precision}, {cfg.train.threads} CPU threads per process "
                   f"(train.threads)", flush=True)
             print(f"method: {m.name}, loss = {m.gamma:g}*CE + {m.alpha:g}*KD + {m.beta:g}*{m.name}", flush=True)
+            mode = f", mode {self.compiler.mode}, backend {self.compiler.backend}" if compiled else ""
+            print(f"compile: {why}{mode}", flush=True)
         fmt = self.data.fmt
         student = create_model(cfg.student.arch, num_classes=self.data.num_classes, in_channels=fmt.channels)
         teacher_model, self.teacher_meta = self._load_teacher()
@@ -226,15 +235,24 @@ class Trainer:
         self.memory_format = memory_format
         module = DistillModule(student.to(memory_format=memory_format), objective)
         params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=lr_at(cfg, 0), momentum=cfg.optim.momentum,
-                                    weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
-        self.module, self.optimizer = acc.prepare(module, optimizer)
+        optimizer = sgd(params, acc.device, lr=lr_at(cfg, 0), momentum=cfg.optim.momentum,
+                        weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+        with warnings.catch_warnings():
+            # torch deprecates broadcast_buffers but its replacement still syncs buffers at init, which would
+            # overwrite the per-rank memories; torch's own warning says to keep broadcast_buffers=False for that.
+            warnings.filterwarnings("ignore", message=r"`broadcast_buffers` is deprecated", category=FutureWarning)
+            self.module, self.optimizer = acc.prepare(self.compiler.module(module), optimizer)
+        # Evaluation's own compiled graph (the student in eval mode); the saved weights stay the student's.
+        self.eval_student = self.compiler.function(module.student)
+        self._first_step_pending = compiled
         self.init = self._build_init_stage()
         self.fingerprints = {"data": split_fingerprint(fmt.name, cfg.data.root, self.data.train_split),
                              "teacher": self.teacher_meta["sha256"] if self.teacher_meta else None}
         if teacher_model is not None and cfg.teacher.eval_top1 and not resume:
             self.teacher_meta["top1"] = self._teacher_top1(teacher_model)
         self.teacher = self._open_teacher(teacher_model, rebuild_cache)
+        if compiled and hasattr(self.teacher, "static_buffers"):
+            self.teacher.static_buffers = True
         self.state = TrainState()
         acc.wait_for_everyone()  # every rank has checked the folder before rank 0 creates it
         if acc.is_main_process:
@@ -310,7 +328,7 @@ class Trainer:
         if teacher_model is None or not fields:
             return None
         return open_teacher(cfg, teacher_model, self.teacher_meta, self.data, acc, self.memory_format,
-                            self.fingerprints["data"], rebuild_cache)
+                            self.fingerprints["data"], rebuild_cache, self.compiler)
 
     # ------------------------------------------------------------------ state
     @property
@@ -426,16 +444,20 @@ class Trainer:
         periodic = every > 0 and self.state.global_step % every == 0
         if self.accelerator.num_processes > 1 and done_steps % 10 and not periodic:
             return False
-        return periodic or bool(self._stop_agreed())
+        stop = self._stop_agreed()  # always, so that every rank reaches the same all-reduces
+        return periodic or bool(stop)
 
     def _stop_agreed(self) -> int:
-        """The stop signal every rank has seen (0: none); with several processes, all-reduced."""
+        """The stop signal every rank has seen (0: none); with several processes, all-reduced. A signal that
+        arrives during the all-reduce is kept for the next check, not overwritten."""
         if self.accelerator.num_processes == 1:
-            return self._stop_signal or 0
+            self._agreed_stop = self._stop_signal or 0
+            return self._agreed_stop
         flag = torch.tensor(float(self._stop_signal or 0), device=self.accelerator.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        self._stop_signal = int(flag.item()) or None
-        return self._stop_signal or 0
+        self._agreed_stop = int(flag.item())
+        self._stop_signal = self._agreed_stop or self._stop_signal
+        return self._agreed_stop
 
     def _install_signal_handlers(self) -> dict[int, Any]:
         """Route SIGTERM/SIGINT to `request_stop` for the duration of `fit`; returns the handlers to restore."""
@@ -568,7 +590,12 @@ class Trainer:
         start = time.perf_counter() - float(partial.get("elapsed", 0.0))
         for step, batch in enumerate(pipe.epoch(epoch, first), start=first):
             images = batch.images.contiguous(memory_format=self.memory_format)
-            logits, losses = step_fn(batch, images)
+            if self._first_step_pending and not init:
+                began = time.perf_counter()
+                logits, losses = step_fn(batch, images)
+                self._report_first_step(time.perf_counter() - began)
+            else:
+                logits, losses = step_fn(batch, images)
             values = torch.stack([losses[n].detach().double() for n in names])
             pending.append(values)
             sums += values
@@ -576,8 +603,8 @@ class Trainer:
                 correct += (logits.detach().argmax(1) == batch.labels).sum()
             seen += len(batch)
             self.state.global_step += 1
-            # On GPU the check costs a host sync, so it runs every 20 steps; on CPU, every step.
-            if acc.device.type == "cpu" or len(pending) >= 20 or step + 1 == steps:
+            # Reading the losses on the host waits for the device, so it happens every train.sync_every steps.
+            if len(pending) >= cfg.train.sync_every or step + 1 == steps:
                 self._check_finite(pending, names, self.state.global_step - len(pending))
                 pending = []
                 elapsed = time.perf_counter() - start
@@ -588,9 +615,9 @@ class Trainer:
                 self.state.partial = {"sums": sums.tolist(), "correct": int(correct), "seen": seen,
                                       "elapsed": time.perf_counter() - start}
                 self._save_resume()
-                if self._stop_signal is not None:
+                if self._agreed_stop:
                     bar.close()
-                    raise TrainingStopped(self._stop_signal, epoch, step + 1, self.run_dir)
+                    raise TrainingStopped(self._agreed_stop, epoch, step + 1, self.run_dir)
         bar.close()
         self.state.step_in_epoch, self.state.partial = 0, None
         if init:
@@ -609,6 +636,12 @@ class Trainer:
             record[f"loss_{name}"] = value / steps
         return record
 
+    def _report_first_step(self, seconds: float) -> None:
+        """A compiled run's first step compiles its graphs: say how long that took (once per process)."""
+        self._first_step_pending = False
+        if self.accelerator.is_main_process and self.cfg.train.progress:
+            print(f"compile: the first compiled step took {seconds:.1f} s (compilation, or the kernel cache)", flush=True)
+
     def _check_finite(self, pending: list[torch.Tensor], names: list[str], first_step: int) -> None:
         values = torch.stack(pending).cpu()
         bad = ~torch.isfinite(values)
@@ -621,18 +654,27 @@ class Trainer:
         self._sync_buffers()
         student = self.unwrapped.student
         student.eval()
-        result = self.evaluate_model(student)
+        result = self.evaluate_model(self.eval_student, pad=self.compiler.enabled)
         student.train()
         return result
 
     @torch.no_grad()
-    def evaluate_model(self, model: nn.Module) -> dict[str, float]:
-        """Top-1/top-5 of `model` (already in eval mode, on this device) on the eval split, over all ranks."""
+    def evaluate_model(self, model: nn.Module | Any, pad: bool = False) -> dict[str, float]:
+        """Top-1/top-5 of `model` (already in eval mode, on this device) on the eval split, over all ranks.
+
+        With `pad`, a last smaller batch is padded to the first batch's size (the padding rows' logits are
+        dropped; eval-mode BN treats rows independently), so a compiled model sees one shape."""
         acc = self.accelerator
         counts = torch.zeros(3, device=acc.device, dtype=torch.long)
+        full = 0
         for batch in self.data.eval.epoch(0):
+            images = batch.images.contiguous(memory_format=self.memory_format)
+            full, n = max(full, len(batch)), len(batch)
+            if pad and n < full:
+                images = torch.cat([images, images[:1].expand(full - n, *images.shape[1:])])
+                images = images.contiguous(memory_format=self.memory_format)
             with acc.autocast():
-                logits = model(batch.images.contiguous(memory_format=self.memory_format))
+                logits = model(images)[:n]
             top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
             hits = top5 == batch.labels[:, None]
             counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(batch), device=acc.device)])

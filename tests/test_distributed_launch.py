@@ -157,6 +157,8 @@ def test_two_processes_hold_half_the_queue_each_and_the_same_queue_as_one(setup:
         torch.testing.assert_close(queue, expected, rtol=0, atol=1e-4)
     records = [json.loads(line) for line in (runs / "two_epoch1" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 1 and records[0]["loss_rrd"] > 0 and 0 <= records[0]["top1"] <= 100
+    # DDP keeps broadcast_buffers=False (per-rank memories) without its deprecation warning on every rank
+    assert "broadcast_buffers" not in setup["two"][1], setup["two"][1][-2000:]
 
 
 def test_two_process_state_resumes_identically_in_one_process(setup: dict) -> None:

@@ -35,6 +35,7 @@ from rrd_fast.cache.manifest import (
     write_manifest,
 )
 from rrd_fast.cache.shards import DTYPES, FaultHook, check_size, clear_stale, plan_shards, write_shard
+from rrd_fast.compile import Compiler, resolve_compile
 from rrd_fast.config import ConfigError, RunConfig
 from rrd_fast.data import IMAGE_DTYPES, build_data
 from rrd_fast.models import ModelOutput, feat_shapes
@@ -67,9 +68,10 @@ class _TeacherRunner:
     """The frozen teacher on the build device; shrinks its batch on CUDA out-of-memory."""
 
     def __init__(self, model: nn.Module, pipeline: Pipeline, device: torch.device, precision: str,
-                 channels_last: bool, batch_size: int, fields: tuple[str, ...]) -> None:
+                 channels_last: bool, batch_size: int, fields: tuple[str, ...], compiler: Compiler) -> None:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = copy.deepcopy(model).to(device, memory_format=self.memory_format).eval().requires_grad_(False)
+        self.forward = compiler.function(self.model)
         self.pipeline = pipeline
         self.device = device
         self.precision = precision
@@ -80,7 +82,7 @@ class _TeacherRunner:
         batch = self.pipeline.batch_for(index, view)
         images = batch.images.contiguous(memory_format=self.memory_format)
         with torch.inference_mode(), _autocast(self.device, self.precision):
-            return output_tensors(self.model(images, features=True), self.fields)
+            return output_tensors(self.forward(images, features=True), self.fields)
 
     def rows(self, view: int, start: int, stop: int, store: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
         """Fill `store[name][0 : stop-start]` with the teacher's outputs for rows [start, stop) of `view`.
@@ -203,6 +205,7 @@ def build_cache(
     key: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
     fault: FaultHook | None = None,
+    compiler: Compiler | None = None,
 ) -> dict[str, Any]:
     """Make `cfg.teacher.cache` a complete cache for this run and return its manifest.
 
@@ -238,12 +241,14 @@ def build_cache(
             return manifest
     check_cache_size(cfg, teacher, fields, int(key["dataset"]["num_samples"]), log)
     with _build_lock(cache_dir):
-        return _build_locked(cfg, cache_dir, rebuild, teacher, teacher_meta, pipeline, device, key, fields, log, fault)
+        return _build_locked(cfg, cache_dir, rebuild, teacher, teacher_meta, pipeline, device, key, fields, log, fault,
+                             compiler)
 
 
 def _build_locked(cfg: RunConfig, cache_dir: Path, rebuild: bool, teacher: nn.Module, teacher_meta: dict[str, Any],
                   pipeline: Pipeline | None, device: str | torch.device | None, key: dict[str, Any],
-                  fields: tuple[str, ...], log: Callable[[str], None], fault: FaultHook | None) -> dict[str, Any]:
+                  fields: tuple[str, ...], log: Callable[[str], None], fault: FaultHook | None,
+                  compiler: Compiler | None) -> dict[str, Any]:
     manifest = None if rebuild else read_manifest(cache_dir)  # again, now that no other builder can write it
     if manifest is not None:
         check_compatible(cache_dir, manifest, key, fields)
@@ -260,8 +265,12 @@ def _build_locked(cfg: RunConfig, cache_dir: Path, rebuild: bool, teacher: nn.Mo
         raise CacheError(f"{cache_dir}: the train pipeline has {pipeline.sampler.n} samples, "
                          f"the dataset fingerprint {num_samples}")
     store_dtype = DTYPES[cfg.teacher.cache_dtype][0]
-    runner = _TeacherRunner(teacher, pipeline, device, precision, cfg.train.channels_last,
-                            _default_batch(cfg, device), fields)
+    batch = _default_batch(cfg, device)
+    if compiler is None:  # the CLI build: decide as a run would, from the number of teacher batches
+        passes = cfg.teacher.cache_views * -(-num_samples // batch)
+        compiler = Compiler(resolve_compile(cfg.train.compile, passes, device)[0], cfg.train.compile_backend,
+                            cfg.train.compile_mode, device)
+    runner = _TeacherRunner(teacher, pipeline, device, precision, cfg.train.channels_last, batch, fields, compiler)
     if manifest is None:
         probe = runner.run(np.array([0, min(1, num_samples - 1)]), 0)
         per_shard = min(cfg.teacher.cache_shard_samples, num_samples)

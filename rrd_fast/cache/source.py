@@ -24,6 +24,7 @@ from pipelines.batch import Batch
 from rrd_fast.cache.builder import build_cache
 from rrd_fast.cache.manifest import CacheError, check_compatible, read_manifest, required_fields, run_key
 from rrd_fast.cache.shards import CacheReader, as_tensor
+from rrd_fast.compile import Compiler
 from rrd_fast.config import RunConfig
 from rrd_fast.models import ModelOutput
 
@@ -77,7 +78,19 @@ class CachedTeacher:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-cache")
         self._staged: _Staged | None = None
         self._mismatch: torch.Tensor | None = None
+        # A compiled step sets this: outputs then live in buffers reused by the next call (see _into_buffer).
+        self.static_buffers = False
+        self._buffers: dict[str, torch.Tensor] = {}
         self.wait_seconds = 0.0  # time the step spent waiting for cached rows (prefetch misses)
+
+    def _into_buffer(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """The rows as fp32 on the device, in a buffer allocated once per field and batch shape, so that a
+        compiled step (CUDA graphs included) always reads its teacher inputs from the same memory. A step's
+        outputs are overwritten by the next step's, after its backward and optimizer step have run."""
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape != rows.shape:
+            buffer = self._buffers[name] = torch.empty(rows.shape, dtype=torch.float32, device=self.device)
+        return buffer.copy_(rows, non_blocking=True)
 
     def wrap(self, pipeline: Pipeline) -> ViewPipeline:
         return ViewPipeline(pipeline, self)
@@ -123,7 +136,10 @@ class CachedTeacher:
                 raise CacheError(f"teacher cache: batch of augmentation epoch {batch.epoch} has no cached view "
                                  f"(the cache holds views 0..{self.views - 1})")
             rows = self._read(batch.epoch, batch.index.cpu().numpy())
-        out = {name: t.to(self.device, non_blocking=True).float() for name, t in rows.items()}
+        if self.static_buffers:
+            out = {name: self._into_buffer(name, t) for name, t in rows.items()}
+        else:
+            out = {name: t.to(self.device, non_blocking=True).float() for name, t in rows.items()}
         lists = {f: [out[k] for k in sorted((k for k in out if k.startswith(f + ".")), key=lambda k: int(k.split(".")[1]))]
                  for f in ("stages", "pre_relu") if f in self.fields}
         return ModelOutput(logits=out["logits"], pooled=out["pooled"], stem=out.get("stem"), **lists)
@@ -143,6 +159,7 @@ def open_cached_teacher(
     rebuild: bool = False,
     may_build: bool = True,
     dataset: dict[str, Any] | None = None,
+    compiler: Compiler | None = None,
 ) -> CachedTeacher:
     """The cached teacher for this run, building or resuming the cache first when allowed.
 
@@ -154,7 +171,7 @@ def open_cached_teacher(
     key = run_key(cfg, teacher_meta, dataset)
     if may_build:
         manifest = build_cache(cfg, rebuild=rebuild, teacher=teacher, teacher_meta=teacher_meta,
-                               pipeline=pipeline, device=device, key=key)
+                               pipeline=pipeline, device=device, key=key, compiler=compiler)
     else:
         manifest = read_manifest(cfg.teacher.cache)
         if manifest is None or not manifest["complete"] or rebuild:
