@@ -7,6 +7,15 @@ setting is read only when a process starts, hence the re-exec.
 The process keeps its PID, argv, working directory and environment (launcher and
 torch.distributed variables included), so it is safe under `accelerate launch`.
 
+The same start-up step sets OMP_WAIT_POLICY=PASSIVE unless the user chose how OpenMP
+threads wait (OMP_WAIT_POLICY or GOMP_SPINCOUNT set; GOMP_SPINCOUNT=300000 restores
+libgomp's own default). libgomp's default has every idle thread spin up to 300000
+times at each barrier before it sleeps, and only shortens that when the process has more
+threads than CPUs it may run on; a second job on the same cores is invisible to it, so the
+spinning takes the CPU time that job and this one's busy threads need. libgomp reads the
+variable once, when torch loads it, so it is set here, in this process's environment, before
+any torch import, and the re-executed process inherits it.
+
 This module must not import torch: it runs before the heavy imports.
 """
 
@@ -19,6 +28,10 @@ from typing import Mapping, MutableMapping, Sequence
 TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
 TUNABLES_VAR = "GLIBC_TUNABLES"
 OPT_OUT_VAR = "RRD_FAST_NO_MALLOC_TUNING"
+# Either set: the user chose. Not KMP_BLOCKTIME: `accelerate launch` sets it on every CPU launch, and
+# libgomp (torch's OpenMP on Linux) does not read it.
+WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+WAIT_DEFAULT = {"OMP_WAIT_POLICY": "PASSIVE"}
 # Set in the re-executed process, so that a runtime that strips GLIBC_TUNABLES (secure
 # execution) cannot make us loop.
 DONE_VAR = "RRD_FAST_MALLOC_TUNED"
@@ -57,9 +70,17 @@ def reexec_command(orig_argv: Sequence[str]) -> list[str]:
     return [sys.executable, *orig_argv[1:]]
 
 
+def default_wait_policy(environ: MutableMapping[str, str]) -> None:
+    """OMP_WAIT_POLICY=PASSIVE in `environ`, unless one of WAIT_VARS is already set."""
+    if not any(var in environ for var in WAIT_VARS):
+        environ.update(WAIT_DEFAULT)
+
+
 def reexec_with_malloc_tuning(environ: MutableMapping[str, str] | None = None) -> None:
-    """Replace this process by itself with GLIBC_TUNABLES set; returns only when nothing is to be done."""
+    """Set OpenMP's wait default (`default_wait_policy`), then replace this process by itself with
+    GLIBC_TUNABLES set; returns only when nothing is to be done."""
     environ = os.environ if environ is None else environ
+    default_wait_policy(environ)  # also without the re-exec: torch is not loaded yet
     if not should_reexec(environ):
         return
     argv = getattr(sys, "orig_argv", None)
