@@ -66,10 +66,13 @@ def run_sweep(spec: SweepSpec, only: list[str] | None = None, executor: str = "l
               dry_run: bool = False, log: Callable[[str], None] = print) -> int:
     """Check everything, then teachers, acceptance, students, probes; write the report. 0: all done, 1: some failed."""
     from rrd_fast.sweep.acceptance import accept_teachers
-    from rrd_fast.sweep.probes import describe_probes, select_probes
+    from rrd_fast.sweep.probes import check_transfer_data, describe_probes, plan_probes, select_probes
     from rrd_fast.sweep.report import write_report
 
     plan = build_plan(spec, check_data=not dry_run)
+    plan_probes(spec, plan, plan.configs)  # type: ignore[attr-defined]
+    if not dry_run:
+        check_transfer_data(plan, spec.source)
     wanted = parse_only(list(only or []), plan)
     names = select(plan, wanted)
     probes = select_probes(plan, names, wanted)

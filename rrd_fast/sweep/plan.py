@@ -286,15 +286,10 @@ def build_plan(spec: SweepSpec, check_data: bool = True) -> Plan:
     `check_data=False` (dry runs) leaves missing dataset folders to `missing_data`, so that
     the plan can be looked at before the data is in place.
     """
-    from rrd_fast.sweep.probes import check_transfer_data, plan_probes
-
     _check_overrides(spec)
     builder = _Builder(spec)
     plan = builder.build()
     check_runs(spec, builder.configs, check_data)
-    plan_probes(spec, plan, builder.configs)
-    if check_data:
-        check_transfer_data(plan, spec.source)
     plan.configs = builder.configs  # type: ignore[attr-defined]  # resolved once; not part of sweep.json
     return plan
 

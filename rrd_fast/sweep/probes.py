@@ -28,7 +28,7 @@ from pipelines.errors import UserError
 from rrd_fast.config import RunConfig
 from rrd_fast.sweep.plan import Plan, PlannedProbe, RunState, _hours, read_plan
 from rrd_fast.sweep.spec import SweepError, SweepSpec, transfer_methods
-from rrd_fast.sweep.status import write_status
+from rrd_fast.sweep.status import one_line, write_status
 from rrd_fast.transfer import RESULT_NAME, TRANSFER_DIR, probe_folder_name, read_results
 
 PROBE_WAVE = 3  # after teachers (0) and students (1, 2)
@@ -149,7 +149,6 @@ def stale_note(probe: PlannedProbe, result: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------- execution
 def execute_probe(sweep_dir: str | Path, name: str) -> dict[str, Any]:
     """Probe, or skip, one planned probe; never raises for a failed probe (but does for Ctrl-C)."""
-    from rrd_fast.sweep.runner import one_line
 
     sweep_dir = Path(sweep_dir)
     plan = read_plan(sweep_dir)

@@ -15,7 +15,6 @@ import csv
 import io
 import json
 import math
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 from rrd_fast.atomic import atomic_path, write_json_atomic
 from rrd_fast.sweep.acceptance import measured_teachers, pair_key
 from rrd_fast.sweep.plan import Plan, main_records, read_plan, run_state
+from rrd_fast.sweep.stats import pooled_std, stats
 from rrd_fast.sweep.status import read_status
 from rrd_fast.sweep.transfer_report import (CSV_EXTRA, build_transfer_figure, collect_transfer,
                                             render_transfer_markdown, transfer_csv_rows)
@@ -40,18 +40,6 @@ def run_top1(run_dir: Path, epochs: int) -> dict[str, float] | None:
         return None
     best = max(evaluated, key=lambda r: r["top1"])
     return {"last": float(evaluated[-1]["top1"]), "best": float(best["top1"]), "best_epoch": int(best["epoch"])}
-
-
-def stats(values: list[float]) -> dict[str, Any]:
-    """mean and sample std (ddof=1; None with fewer than two values) of the seeds' values."""
-    return {"mean": statistics.fmean(values) if values else None,
-            "std": statistics.stdev(values) if len(values) > 1 else None, "values": values}
-
-
-def pooled_std(a: dict[str, Any], na: int, b: dict[str, Any], nb: int) -> float | None:
-    if na < 2 or nb < 2 or a["std"] is None or b["std"] is None:
-        return None
-    return math.sqrt(((na - 1) * a["std"] ** 2 + (nb - 1) * b["std"] ** 2) / (na + nb - 2))
 
 
 def _row(plan: Plan, method: str, seeds: dict[str, str], label: str, published: Any) -> dict[str, Any]:

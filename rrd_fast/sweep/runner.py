@@ -25,14 +25,9 @@ from typing import Any, Callable
 
 from pipelines.errors import UserError
 from rrd_fast.sweep.plan import Plan, read_plan, run_state, seconds_text
-from rrd_fast.sweep.status import read_status, status_path, write_status
+from rrd_fast.sweep.status import one_line, read_status, status_path, write_status
 
 LOG_DIR = "logs"
-
-
-def one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if isinstance(exc, UserError) else f"{type(exc).__name__}: {text}"
 
 
 def execute_run(sweep_dir: str | Path, name: str) -> dict[str, Any]:

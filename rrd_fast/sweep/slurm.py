@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from rrd_fast.sweep.plan import Plan
-from rrd_fast.sweep.runner import Executor, execute_job, one_line, outcome_text, visible_devices
+from rrd_fast.sweep.runner import Executor, execute_job, outcome_text, visible_devices
 from rrd_fast.sweep.spec import SweepError
-from rrd_fast.sweep.status import read_status, status_path
+from rrd_fast.sweep.status import one_line, read_status, status_path
 
 try:
     import submitit

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipelines.errors import UserError
 from rrd_fast.atomic import write_json_atomic
 
 STATUS_DIR = "status"
@@ -25,3 +26,8 @@ def read_status(sweep_dir: Path, name: str) -> dict[str, Any] | None:
 
 def write_status(sweep_dir: Path, name: str, result: dict[str, Any]) -> None:
     write_json_atomic(status_path(sweep_dir, name), result)
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, UserError) else f"{type(exc).__name__}: {text}"

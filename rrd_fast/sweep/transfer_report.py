@@ -15,6 +15,7 @@ from typing import Any
 
 from rrd_fast.sweep.plan import PairPlan, Plan, PlannedProbe
 from rrd_fast.sweep.probes import DATASET_LABELS, probe_result
+from rrd_fast.sweep.stats import stats
 from rrd_fast.sweep.status import read_status
 
 BN_TEXT = {
@@ -28,7 +29,6 @@ TEACHER, STUDENT_ALONE = "teacher", "vanilla"
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
-    from rrd_fast.sweep.report import stats
 
     return stats(values)
 
