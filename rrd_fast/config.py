@@ -235,8 +235,8 @@ class TeacherConfig:
         "teacher feature cache folder, built on first use; empty: run the teacher online every step")))
     cache_views: int = field(default=32, metadata=meta(">0", (
         "V augmented views cached per sample; epoch e replays view e mod V: more views give the student more "
-        "augmentation diversity but make the cache and its build V-times larger (identical to online teaching for "
-        "V >= epochs; see rrd_fast/cache/__init__.py)")))
+        "augmentation diversity but make the cache and its build V-times larger (with V >= epochs and an fp32 "
+        "cache, identical to online teaching; see rrd_fast/cache/__init__.py for fp16 and bf16)")))
     cache_dtype: Literal["fp16", "bf16", "fp32"] = field(default="fp16", metadata=meta("", (
         "storage type of the cached teacher outputs, read back as fp32: fp16 and bf16 halve the cache (bf16 keeps "
         "fp32's range with fewer mantissa bits), fp32 stores the outputs unrounded")))

@@ -101,6 +101,21 @@ def test_fp32_cache_equals_online_teacher_bit_exactly(env, fp32_cache):
         assert torch.equal(cached.pooled, online.pooled)
 
 
+def test_teacher_outputs_beyond_fp16_range_are_refused(env, tmp_path):
+    """An fp16 cache would store logits above 65504 as inf; the build says so instead, and bf16 stores them."""
+    model, _ = load_teacher(env["teacher"], "", 100, 3)
+    with torch.no_grad():
+        model.fc.weight.mul_(1e6)
+    write_model_checkpoint(tmp_path / "big", model, {"arch": "resnet8", "num_classes": 100, "in_channels": 3,
+                                                     "image_size": 32, "normalization": {"mean": [0.5] * 3,
+                                                                                         "std": [0.25] * 3}})
+    with pytest.raises(CacheError, match="'logits' reaches .* beyond fp16's range .* teacher.cache_dtype=bf16"):
+        build_cache(_cfg(env, tmp_path / "fp16", f"teacher.checkpoint={tmp_path / 'big'}"), log=lambda _: None)
+    manifest = build_cache(_cfg(env, tmp_path / "bf16", f"teacher.checkpoint={tmp_path / 'big'}",
+                                "teacher.cache_dtype=bf16"), log=lambda _: None)
+    assert manifest["complete"]
+
+
 @pytest.mark.parametrize("dtype,rtol", [("fp16", 2.0**-11), ("bf16", 2.0**-8)])
 def test_half_caches_equal_online_within_rounding(env, dtype, rtol):
     cache = env["base"] / dtype

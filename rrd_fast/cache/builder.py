@@ -105,7 +105,11 @@ class _TeacherRunner:
                 torch.cuda.empty_cache()
                 continue
             for name, value in outs.items():
-                store[name][pos - start : pos - start + real] = value[:real].to(dtype)
+                rows = value[:real].to(dtype)
+                if dtype == torch.float16 and not bool(torch.isfinite(rows).all()) and bool(torch.isfinite(value[:real]).all()):
+                    raise CacheError(f"teacher cache: teacher output {name!r} reaches {float(value.abs().max()):.4g}, "
+                                     "beyond fp16's range (65504); use teacher.cache_dtype=bf16 or fp32")
+                store[name][pos - start : pos - start + real] = rows
             pos += real
 
 
