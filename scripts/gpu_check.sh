@@ -109,6 +109,12 @@ trainer_and_cache_on_gpu() {
 }
 section "trainer and cache" trainer_and_cache_on_gpu
 
+# compiled step: no device sync inside a CUDA step (sync debug mode "error")
+compiled_step_on_gpu() {
+    "$PY" -m pytest -q -m gpu tests/test_compile.py
+}
+section "compiled step" compiled_step_on_gpu
+
 if [ ${#FAILED[@]} -gt 0 ]; then
     echo "gpu_check: FAILED: ${FAILED[*]}"
     exit 1

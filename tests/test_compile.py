@@ -168,3 +168,24 @@ def test_no_host_reads_between_sync_points(fmnist: Path, teacher: Path, tmp_path
     assert reads.inside == [], f"host reads inside steps {sorted(set(reads.inside))}"
     allowed = set(range(0, 2 * STEPS_PER_EPOCH + 1, 2))
     assert set(reads.between) <= allowed, sorted(set(reads.between) - allowed)
+
+
+@pytest.mark.gpu
+def test_no_device_sync_inside_a_cuda_step(fmnist: Path, teacher: Path, tmp_path: Path) -> None:
+    """On CUDA every step of RRD+KD (compiled, bf16) runs with torch's sync debug mode set to error."""
+    cfg = _cfg(fmnist, teacher, tmp_path, "cuda", "method.name=rrd", "method.alpha=1.0", "method.beta=1.0",
+               "method.options={rrd: {queue_size: 100}}", "optim.epochs=2", "train.compile=on",
+               "train.mixed_precision=bf16")
+    trainer = Trainer(cfg)
+    assert trainer.accelerator.device.type == "cuda"
+    step = trainer._main_step
+
+    def strict(*args):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return step(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    trainer._main_step = strict
+    trainer.fit()

@@ -31,17 +31,55 @@ from pipelines.errors import UserError
 from pipelines.registry import Registry
 
 
+class SoftTargetCrossEntropy(torch.autograd.Function):
+    """Per-sample  -sum_k softmax(t)_k log softmax(s)_k  over logits s = z_s·K^T/tau_s, t = z_t·K^T/tau_t.
+
+    The gradient w.r.t. z_s, (softmax(s)·sum_k p_t - p_t) K / tau_s, is formed in forward and only
+    it (B×D) is kept for backward, not the K×D keys: a memory may then overwrite its rows in place
+    right after the loss (the `after` enqueue order) and backward still sees the rows the loss used.
+    z_t and the keys get no gradient (the target is detached).
+    """
+
+    @staticmethod
+    def forward(ctx, z_s: torch.Tensor, z_t: torch.Tensor, keys: torch.Tensor,  # type: ignore[override]
+                tau_s: float, tau_t: float) -> torch.Tensor:
+        log_q = F.log_softmax(z_s @ keys.t() / tau_s, dim=1)
+        p_t = F.softmax(z_t @ keys.t() / tau_t, dim=1)
+        kernel = log_q.exp() * p_t.sum(dim=1, keepdim=True) - p_t  # d loss_i / d s_ik
+        ctx.save_for_backward(kernel @ keys / tau_s)
+        return -(p_t * log_q).sum(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (grad_zs,) = ctx.saved_tensors
+        return grad[:, None] * grad_zs, None, None, None, None
+
+
 def soft_target_cross_entropy(
     z_s: torch.Tensor, z_t: torch.Tensor, keys: torch.Tensor, tau_s: float, tau_t: float
 ) -> torch.Tensor:
     """Per-sample  -sum_k softmax(z_t·k/tau_t) log softmax(z_s·k/tau_s), the target detached."""
     with torch.autocast(device_type=z_s.device.type, enabled=False):
         dtype = torch.promote_types(torch.promote_types(z_s.dtype, keys.dtype), torch.float32)  # fp64 stays fp64
-        keys = keys.to(dtype)
-        logits_s = z_s.to(dtype) @ keys.t() / tau_s
-        with torch.no_grad():
-            p_t = F.softmax(z_t.to(dtype) @ keys.t() / tau_t, dim=1)
-        return -(p_t * F.log_softmax(logits_s, dim=1)).sum(dim=1)
+        return SoftTargetCrossEntropy.apply(z_s.to(dtype), z_t.detach().to(dtype), keys.detach().to(dtype), tau_s, tau_t)
+
+
+@torch.no_grad()
+def masked_index_copy_(buffer: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> None:
+    """buffer[rows[e]] = values[e] for the entries e with keep[e], in place and with static shapes.
+
+    A compiled step cannot select the kept entries (their number depends on the data), so every
+    entry is written: a dropped one rewrites the first kept entry's row with that entry's value, or,
+    when none is kept, row 0 with its own value. Duplicate writes then carry equal values, so the
+    result is exact and does not depend on the order of the writes. Rows of dropped entries may be
+    out of range. Kept rows are expected to be distinct (as in a plain index_copy_).
+    """
+    first = keep.to(torch.uint8).argmax().reshape(1)  # the first kept entry; 0 when none is
+    rows = torch.where(keep, rows, 0)
+    fallback_row = torch.where(keep.any(), rows.index_select(0, first), 0)
+    fallback_value = torch.where(keep.any(), values.index_select(0, first), buffer[:1].to(values.dtype))
+    rows = torch.where(keep, rows, fallback_row)
+    buffer.index_copy_(0, rows, torch.where(keep[:, None], values, fallback_value).to(buffer.dtype))
 
 
 _ROW_BLOCK = 4096

@@ -46,10 +46,12 @@ class ContrastMemory(SampleBanks):
     def reduce(self, s: torch.Tensor, t: torch.Tensor, sample: torch.Tensor, positive: torch.Tensor, batch: int,
                group: Group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         e = torch.stack([s, t]).exp_()
-        if bool((self.z_norm < 0).any()):  # the first batch: Z = mean score × N, over every rank's entries
-            stats = reduce_(torch.cat([e.sum(1), e.new_tensor([e.shape[1]])]), "sum", self.group)
-            first = (stats[:2] / stats[2] * self.num_samples).to(self.z_norm.dtype)
-            self.z_norm.copy_(torch.where(self.z_norm < 0, first, self.z_norm))
+        # Z = mean score × N over every rank's entries, kept from the first batch on (z_norm < 0 until
+        # then). Formed at every step and selected on the device, so the step has no data-dependent branch.
+        count = torch.full((1,), e.shape[1], dtype=e.dtype, device=e.device)
+        stats = reduce_(torch.cat([e.sum(1), count]), "sum", self.group)
+        first = (stats[:2] / stats[2] * self.num_samples).to(self.z_norm.dtype)
+        self.z_norm.copy_(torch.where(self.z_norm < 0, first, self.z_norm))
         x = e.div_(self.z_norm.to(e.dtype)[:, None])
         noise = self.sampler.negatives * (1.0 / self.num_samples)  # K·Pn, computed as the reference does
         denom = x + (noise + EPS)

@@ -1,4 +1,8 @@
-"""The FIFO queue of teacher keys (RRD's memory), one whole copy per process (`local`)."""
+"""The FIFO queue of teacher keys (RRD's memory), one whole copy per process (`local`).
+
+The write position `ptr` is a device tensor and every enqueue is an in-place, static-shape
+`index_copy_`, so a compiled step neither syncs with the host nor recompiles as `ptr` moves.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import torch
 
 from pipelines.batch import Batch
 from rrd_fast.memory.base import Memory, MemorySpec, RowShard, register_memory, soft_target_cross_entropy, unit_rows
+
 
 def fifo_loss(queue: Memory, z_s: torch.Tensor, z_t: torch.Tensor, tau_s: float, tau_t: float,
               enqueue: str) -> torch.Tensor:
@@ -40,10 +45,10 @@ class FifoQueue(Memory):
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
-        positions, keys, next_ptr = fifo_positions(int(self.ptr), keys.detach().to(self.queue.dtype), self.size)
-        # Out of place: a loss computed before this call may still hold the old rows for backward.
-        self.queue = self.queue.index_copy(0, positions, keys)
-        self.ptr.fill_(next_ptr)
+        positions, keys, next_ptr = fifo_positions(self.ptr, keys.detach().to(self.queue.dtype), self.size)
+        # In place: the loss keeps its gradient, not these rows, for backward (SoftTargetCrossEntropy).
+        self.queue.index_copy_(0, positions, keys)
+        self.ptr.copy_(next_ptr)
 
     def soft_cross_entropy(self, z_s: torch.Tensor, z_t: torch.Tensor, tau_s: float, tau_t: float) -> torch.Tensor:
         return soft_target_cross_entropy(z_s, z_t, self.queue, tau_s, tau_t)
@@ -56,11 +61,12 @@ class FifoQueue(Memory):
         return {"queue": RowShard(0, self.size, self.size, per_rank=self.per_rank)}
 
 
-def fifo_positions(ptr: int, keys: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def fifo_positions(ptr: torch.Tensor | int, keys: torch.Tensor,
+                   size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
     """Queue rows that `keys` land in when written from `ptr` on, the keys that survive, the next `ptr`.
 
     When more keys than rows arrive, only the newest `size` survive, at the rows a
-    sequential write would have left them in.
+    sequential write would have left them in. `ptr` may be a device tensor (no host sync).
     """
     n, start = keys.shape[0], ptr
     if n > size:

@@ -12,14 +12,15 @@ without any rank holding all K rows or a logits matrix over all of them:
    S_s = sum_k exp(s_ik - m_s), S_t = sum_k exp(t_ik - m_t), A = sum_k exp(t_ik - m_t) s_ik;
 4. L_i = m_s + log S_s - A / S_t, which is -sum_k p_t(ik) log softmax(s)_ik over all K rows.
 
-Gradients: rank r returns the losses of its own samples. In backward the per-sample
-incoming gradients are gathered, every rank adds the part of dL_i/dz_s,i that comes from
-its own rows, (softmax_s - p_t) q_k / tau_s, and the all-gather's backward sums these
-parts onto the rank that owns sample i. So each rank ends up with the gradient of the
-mean of its own samples' losses over the full queue, exactly what it would get with the
-whole queue locally, and DDP's average over ranks is the single-process gradient of the
-global-batch mean. Nothing of size K crosses the network: per step, B×D for the keys and
-their gradients and 5 numbers per sample for the statistics.
+Gradients: rank r returns the losses of its own samples. In forward every rank forms the
+part of dL_i/dz_s,i that comes from its own rows, sum_k (softmax_s - p_t)_ik q_k / tau_s; in
+backward the per-sample incoming gradients are gathered and scale these parts, and the
+all-gather's backward sums them onto the rank that owns sample i. So each rank ends up with
+the gradient of the mean of its own samples' losses over the full queue, exactly what it
+would get with the whole queue locally, and DDP's average over ranks is the single-process
+gradient of the global-batch mean. Nothing of size K crosses the network: per step, B×D for
+the keys and their gradients and 5 numbers per sample for the statistics. Only the B×D
+gradient part is kept for backward, so the queue is written in place (`masked_index_copy_`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import torch
 
 from pipelines.batch import Batch
 from rrd_fast.memory.collectives import Group, all_gather_rows, all_gather_with_grad, all_reduce_, new_group, row_range, world
-from rrd_fast.memory.base import Memory, MemorySpec, RowShard, register_memory, unit_rows
-from rrd_fast.memory.fifo import FifoQueue, fifo_loss, fifo_positions
+from rrd_fast.memory.base import Memory, MemorySpec, RowShard, masked_index_copy_, register_memory, unit_rows
+from rrd_fast.memory.fifo import FifoQueue, fifo_positions
 
 
 class ShardedSoftCrossEntropy(torch.autograd.Function):
@@ -55,18 +56,18 @@ class ShardedSoftCrossEntropy(torch.autograd.Function):
         all_reduce_(sums, "sum", group)
         sum_s, sum_t, weighted = sums.unbind(1)
         loss = m_s.squeeze(1) + sum_s.log() - weighted / sum_t
-        # d L_i / d s_ik = softmax_s(ik) - p_t(ik), on this rank's rows; kept for backward in place of the logits.
+        # d L_i / d s_ik = softmax_s(ik) - p_t(ik) on this rank's rows; only their part of dL_i/dz_s (B×D) is
+        # kept for backward, not the rows, so the queue may be overwritten in place before backward runs.
         kernel = s.div_(sum_s[:, None]).sub_(t.div_(sum_t[:, None]))
-        ctx.save_for_backward(kernel, rows)
-        ctx.tau_s, ctx.group = tau_s, group
+        ctx.save_for_backward(torch.mm(kernel, rows).div_(tau_s))
+        ctx.group = group
         return loss[lo:hi].clone()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        kernel, rows = ctx.saved_tensors
+        (grad_zs,) = ctx.saved_tensors
         grad_all = all_gather_rows(grad.contiguous(), ctx.group)
-        grad_zs = torch.mm(kernel * grad_all[:, None], rows).div_(ctx.tau_s)
-        return grad_zs, None, None, None, None, None, None, None
+        return grad_all[:, None] * grad_zs, None, None, None, None, None, None, None
 
 
 class ShardedFifoQueue(Memory):
@@ -88,41 +89,43 @@ class ShardedFifoQueue(Memory):
         self.start, self.stop = row_range(size, size_w, rank)
         self.register_buffer("queue", unit_rows(seed, self.start, self.stop, dim))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
-        self._keys: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def size(self) -> int:
         return self.total
 
-    def _gathered_keys(self, z_t: torch.Tensor) -> torch.Tensor:
-        """The global batch's keys; gathered once per step and reused by the loss and the enqueue."""
-        if self._keys is None or self._keys[0] is not z_t:
-            self._keys = (z_t, all_gather_rows(z_t.float(), self.group))
-        return self._keys[1]
-
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
         """Write the global batch's keys (gathered from every rank) into the rows this rank owns."""
-        gathered = self._gathered_keys(keys).to(self.queue.dtype)
-        positions, gathered, next_ptr = fifo_positions(int(self.ptr), gathered, self.total)
-        mine = (positions >= self.start) & (positions < self.stop)
-        # Out of place: a loss computed before this call may still hold the old rows for backward.
-        self.queue = self.queue.index_copy(0, positions[mine] - self.start, gathered[mine])
-        self.ptr.fill_(next_ptr)
+        self._write(all_gather_rows(keys.float(), self.group))
 
-    def soft_cross_entropy(self, z_s: torch.Tensor, z_t: torch.Tensor, tau_s: float, tau_t: float) -> torch.Tensor:
-        """Per-sample losses of this rank's samples, exact over the union of all shards."""
+    @torch.no_grad()
+    def _write(self, gathered: torch.Tensor) -> None:
+        positions, gathered, next_ptr = fifo_positions(self.ptr, gathered.to(self.queue.dtype), self.total)
+        mine = (positions >= self.start) & (positions < self.stop)
+        # In place and static-shape: the loss keeps its gradient, not these rows, for backward.
+        masked_index_copy_(self.queue, positions - self.start, gathered, mine)
+        self.ptr.copy_(next_ptr)
+
+    def _loss(self, z_s: torch.Tensor, zt_all: torch.Tensor, tau_s: float, tau_t: float) -> torch.Tensor:
         with torch.autocast(device_type=z_s.device.type, enabled=False):
-            zt_all = self._gathered_keys(z_t)
             zs_all = all_gather_with_grad(z_s.float(), self.group)
             lo = self.rank * z_s.shape[0]
             return ShardedSoftCrossEntropy.apply(zs_all, zt_all, self.queue.float(), tau_s, tau_t,
                                                  lo, lo + z_s.shape[0], self.group)
 
+    def soft_cross_entropy(self, z_s: torch.Tensor, z_t: torch.Tensor, tau_s: float, tau_t: float) -> torch.Tensor:
+        """Per-sample losses of this rank's samples, exact over the union of all shards."""
+        return self._loss(z_s, all_gather_rows(z_t.float(), self.group), tau_s, tau_t)
+
     def loss(self, z_s: torch.Tensor, z_t: torch.Tensor, batch: Batch, tau_s: float, tau_t: float,
              enqueue: str) -> torch.Tensor:
-        out = fifo_loss(self, z_s, z_t, tau_s, tau_t, enqueue)
-        self._keys = None
+        zt_all = all_gather_rows(z_t.float(), self.group)  # gathered once, for the loss and the enqueue
+        if enqueue == "before":
+            self._write(zt_all)
+        out = self._loss(z_s, zt_all, tau_s, tau_t)
+        if enqueue == "after":
+            self._write(zt_all)
         return out
 
     def row_shards(self) -> dict[str, RowShard]:

@@ -43,11 +43,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from pipelines.batch import Batch
 from rrd_fast.memory.collectives import (Group, all_gather_rows, all_gather_with_grad, all_reduce_, all_to_all_rows, new_group,
                                   row_range, world)
-from rrd_fast.memory.base import Memory, MemorySpec, RowShard, register_memory, unit_rows
+from rrd_fast.memory.base import Memory, MemorySpec, RowShard, masked_index_copy_, register_memory, unit_rows
 
 _MASK32 = 0xFFFFFFFF
 _CHUNK = 1 << 16  # sampled entries scored at a time: bounds the E×D temporaries of the loss
@@ -62,14 +63,16 @@ def _hash32(x: torch.Tensor | int) -> torch.Tensor | int:
     return x ^ (x >> 16)
 
 
-class NegativeSampler:
+class NegativeSampler(nn.Module):
     """Draws K other-class negatives per sample as a pure function of (seed, draw, index, column).
 
     Samples are kept sorted by class; a uniform position among the N - n_c samples of other
-    classes skips over the block of the sample's own class c.
+    classes skips over the block of the sample's own class c. The label tables are
+    non-persistent buffers, so they follow the memory to its device and stay out of its state.
     """
 
     def __init__(self, labels: Any, negatives: int, seed: int) -> None:
+        super().__init__()
         labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
         if labels.numel() == 0:
             raise ValueError("momentum memory needs the training labels")
@@ -82,25 +85,23 @@ class NegativeSampler:
             raise ValueError(f"the number of negatives must be positive, got {negatives}")
         self.negatives = negatives
         self.seed = seed & _MASK32
-        self.labels = labels
-        self.order = torch.argsort(labels, stable=True)
-        self.class_start = torch.cumsum(counts, 0) - counts
-        self.class_count = counts
+        tables = {"labels": labels, "order": torch.argsort(labels, stable=True),
+                  "class_start": torch.cumsum(counts, 0) - counts, "class_count": counts}
+        for name, table in tables.items():
+            self.register_buffer(name, table, persistent=False)
 
-    def to(self, device: torch.device) -> "NegativeSampler":
-        for name in ("labels", "order", "class_start", "class_count"):
-            setattr(self, name, getattr(self, name).to(device))
-        return self
+    def draw(self, index: torch.Tensor, draw: torch.Tensor | int) -> torch.Tensor:
+        """(B, K+1) sample indices: column 0 the sample itself, then K negatives of other classes.
 
-    def draw(self, index: torch.Tensor, draw: int) -> torch.Tensor:
-        """(B, K+1) sample indices: column 0 the sample itself, then K negatives of other classes."""
+        `draw` (the step counter) may be a device tensor, so a compiled step reads no host value.
+        """
         if self.labels.device != index.device:
             self.to(index.device)
         index = index.long()
         n = self.labels.numel()
         cls = self.labels[index]
         other = (n - self.class_count[cls])[:, None]
-        key = _hash32(index ^ (self.seed ^ _hash32(draw & _MASK32)))
+        key = _hash32(index ^ (_hash32(draw & _MASK32) ^ self.seed))
         key2 = _hash32((key + 0x9E3779B9) & _MASK32)
         cols = torch.arange(1, self.negatives + 1, device=index.device)
         u = _hash32(_hash32(key[:, None] ^ cols[None, :]) ^ key2[:, None]) % other
@@ -163,24 +164,24 @@ class SampledLoss(torch.autograd.Function):
     def forward(ctx, zs_all: torch.Tensor, zt_all: torch.Tensor, sample: torch.Tensor,  # type: ignore[override]
                 rows: torch.Tensor, positive: torch.Tensor, bank_t: torch.Tensor, bank_s: torch.Tensor, tau_s: float,
                 tau_t: float, reduction: Reduction, lo: int, hi: int, group: Group) -> torch.Tensor:
+        batch = zs_all.shape[0]
         s = _dots(zs_all, bank_t, sample, rows).div_(tau_s)
         t = _dots(zt_all, bank_s, sample, rows).div_(tau_t)
-        loss, kernel_s, kernel_t = reduction(s, t, sample, positive, zs_all.shape[0], group)
-        ctx.save_for_backward(kernel_s, kernel_t, sample, rows, bank_t, bank_s)
-        ctx.tau_s, ctx.tau_t, ctx.group, ctx.batch = tau_s, tau_t, group, zs_all.shape[0]
+        loss, kernel_s, kernel_t = reduction(s, t, sample, positive, batch, group)
+        # This rank's part of dL_i/dz (B×D), formed now so that backward needs no bank rows: the
+        # banks are updated in place right after the loss.
+        grad_zs = _scatter(kernel_s / tau_s, sample, rows, bank_t, batch)
+        grad_zt = None if kernel_t is None else _scatter(kernel_t / tau_t, sample, rows, bank_s, batch)
+        ctx.save_for_backward(grad_zs, grad_zt)
+        ctx.group = group
         return loss[lo:hi].clone()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        kernel_s, kernel_t, sample, rows, bank_t, bank_s = ctx.saved_tensors
-        grad_all = grad if ctx.group is None else all_gather_rows(grad.contiguous(), ctx.group)
-        per_entry = grad_all[sample]
-        grad_zs = grad_zt = None
-        if ctx.needs_input_grad[0]:
-            grad_zs = _scatter(kernel_s * per_entry / ctx.tau_s, sample, rows, bank_t, ctx.batch)
-        if ctx.needs_input_grad[1] and kernel_t is not None:
-            grad_zt = _scatter(kernel_t * per_entry / ctx.tau_t, sample, rows, bank_s, ctx.batch)
-        return (grad_zs, grad_zt) + (None,) * 11
+        grad_zs, grad_zt = ctx.saved_tensors
+        grad_all = (grad if ctx.group is None else all_gather_rows(grad.contiguous(), ctx.group))[:, None]
+        grad_zt = None if grad_zt is None else grad_all * grad_zt
+        return (grad_all * grad_zs, grad_zt) + (None,) * 11
 
 
 MODES = ("local", "replicated", "sharded")
@@ -238,7 +239,7 @@ class SampleBanks(Memory):
         with torch.autocast(device_type=z_s.device.type, enabled=False):
             dtype = torch.promote_types(torch.promote_types(z_s.dtype, self.bank_t.dtype), torch.float32)
             z_s, z_t, index = z_s.to(dtype), z_t.to(dtype), batch.index.to(z_s.device).long()
-            contrast = self.sampler.draw(index, int(self.draws))
+            contrast = self.sampler.draw(index, self.draws)
             group = self.loss_group
             zs_all, zt_all, index_all = _gather(z_s, group), _gather(z_t, group), _gather(index, group)
             if group is None:
@@ -253,7 +254,7 @@ class SampleBanks(Memory):
             if self.mode == "replicated":
                 zs_all, zt_all, index_all = (_gather(x.detach(), self.group) for x in (z_s, z_t, index))
             self._update(zs_all.detach(), zt_all.detach(), index_all)
-        self.draws += 1
+        self.draws.add_(1)
         return out
 
     def _route(self, contrast: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,13 +277,13 @@ class SampleBanks(Memory):
 
     @torch.no_grad()
     def _update(self, z_s: torch.Tensor, z_t: torch.Tensor, index: torch.Tensor) -> None:
-        """Momentum update of the rows this rank owns among `index` (out of place: backward may hold the old banks)."""
+        """Momentum update of the rows this rank owns among `index`: in place and static-shape (the loss
+        keeps its gradients, not the bank rows, for backward)."""
         owned = (index >= self.start) & (index < self.stop)
-        rows = index[owned] - self.start
+        rows = torch.where(owned, index - self.start, 0)
         for name, z in (("bank_s", z_s), ("bank_t", z_t)):
             bank = getattr(self, name)
-            new = momentum_rows(bank[rows], z[owned].to(bank.dtype), self.momentum)
-            setattr(self, name, bank.index_copy(0, rows, new))
+            masked_index_copy_(bank, rows, momentum_rows(bank[rows], z.to(bank.dtype), self.momentum), owned)
 
     def row_shards(self) -> dict[str, RowShard]:
         shard = RowShard(self.start, self.stop, self.num_samples, replicated=self.mode == "replicated",

@@ -46,10 +46,13 @@ class DKDOptions:
 
 
 def _split(z: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log [p_target, p_other] (B×2) and the non-target logits (B×(C-1))."""
-    mask = F.one_hot(target, z.shape[1]).bool()
-    others = z[~mask].view(z.shape[0], -1)
-    binary = torch.stack([z[mask], torch.logsumexp(others, dim=1)], dim=1)
+    """log [p_target, p_other] (B×2) and the non-target logits (B×(C-1)), in class order.
+
+    Gathered by index rather than by a boolean mask, so the shapes do not depend on the data.
+    """
+    cols = torch.arange(z.shape[1] - 1, device=z.device)[None, :]
+    others = z.gather(1, cols + (cols >= target[:, None]))
+    binary = torch.stack([z.gather(1, target[:, None]).squeeze(1), torch.logsumexp(others, dim=1)], dim=1)
     return binary - torch.logsumexp(z, dim=1, keepdim=True), others
 
 
@@ -76,19 +79,30 @@ class DKD(LossTerm):
                               f"{teacher.arch} has {teacher.num_classes}; DKD needs matching class counts")
         pair_beta = PAIR_BETA.get((teacher.arch, student.arch), DEFAULT_BETA)
         self.beta = options.beta if options.beta is not None else pair_beta
-        self.factor = self.warmup_factor(0)
+        self.epoch = 0
+        # The factor the loss reads: a device tensor updated in place, so a compiled step does not
+        # recompile when it changes (non-persistent: start_epoch sets it before every epoch). One
+        # element, not 0-d: dynamo would trace a 0-d CPU tensor as a Python scalar and retrace.
+        self.register_buffer("factor_tensor", torch.tensor([self.warmup_factor(0)], dtype=torch.float64),
+                             persistent=False)
+
+    @property
+    def factor(self) -> float:
+        return self.warmup_factor(self.epoch)
 
     def warmup_factor(self, epoch: int) -> float:
         """mdistiller's min(epoch / warmup, 1) at its 1-based epoch, i.e. our 0-based `epoch` + 1."""
         return min((epoch + 1) / self.options.warmup, 1.0) if self.options.warmup > 0 else 1.0
 
     def start_epoch(self, epoch: int) -> None:
-        self.factor = self.warmup_factor(epoch)
+        self.epoch = epoch
+        self.factor_tensor.fill_(self.warmup_factor(epoch))
 
     def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: Batch) -> torch.Tensor:
         assert teacher is not None
         o = self.options
-        return self.factor * dkd_loss(student.logits, teacher.logits, batch.labels, o.alpha, self.beta, o.T)
+        loss = dkd_loss(student.logits, teacher.logits, batch.labels, o.alpha, self.beta, o.T)
+        return self.factor_tensor.to(loss.dtype)[0] * loss
 
 
 register_method(MethodSpec("dkd", term="dkd", uses_teacher=True, default_weights=(1.0, 0.0, 1.0)))

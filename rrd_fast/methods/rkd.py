@@ -29,7 +29,8 @@ def normalized_distances(e: torch.Tensor) -> torch.Tensor:
     sq = (e * e).sum(dim=1)
     dist = (sq[:, None] + sq[None, :] - 2.0 * (e @ e.t())).clamp_min(1e-12).sqrt()
     dist = torch.where(torch.eye(len(e), dtype=torch.bool, device=e.device), torch.zeros_like(dist), dist)
-    return dist / dist[dist > 0].mean()
+    positive = dist > 0  # the mean of the positive entries, without a data-dependent selection
+    return dist / (torch.where(positive, dist, 0.0).sum() / positive.sum())
 
 
 def angles(e: torch.Tensor) -> torch.Tensor:
