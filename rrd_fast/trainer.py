@@ -168,6 +168,12 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: tree}
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type when the message is empty), at most 200 characters."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
 def resume_differences(saved: RunConfig, wanted: RunConfig) -> list[str]:
     """`key: saved -> wanted` for every setting that differs and may not change on resume."""
     a, b = _flat(config_to_dict(saved)), _flat(config_to_dict(wanted))
@@ -258,7 +264,11 @@ class Trainer:
         if acc.is_main_process:
             self.lock = open_run_dir(self.run_dir, resume, overwrite)
         if resume:
-            self._load_resume()
+            try:
+                self._load_resume()
+            except BaseException:
+                self.close()  # a refused resume leaves the folder as it was, its lock included
+                raise
         if acc.is_main_process:
             save_config(cfg, self.run_dir / "config.yaml")  # on resume: the resolved config, new epoch count included
         start_tracking(acc, cfg)
@@ -382,7 +392,7 @@ class Trainer:
             # CPU first: under MULTI_CPU the device is "cpu:0", which torch.load cannot map to; load_state_dict copies to the device.
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise RunError(f"{path}: resume state unreadable ({str(exc).splitlines()[0][:200]})") from None
+            raise RunError(f"{path}: resume state unreadable ({_first_line(exc)})") from None
         saved_inputs = json.loads(payload.get("fingerprints_json", "null")) or {}
         changed = [name for name, value in saved_inputs.items() if value != self.fingerprints.get(name)]
         if changed:
@@ -393,7 +403,7 @@ class Trainer:
         try:
             missing, unexpected = self.unwrapped.load_state_dict(payload["module"], strict=False)
         except RuntimeError as exc:
-            raise RunError(f"{path}: resume state does not fit this config ({str(exc).splitlines()[0][:200]})") from None
+            raise RunError(f"{path}: resume state does not fit this config ({_first_line(exc)})") from None
         if unexpected or set(missing) != memory_rows or "memory_tag" not in payload:
             wrong = sorted(set(unexpected) | (set(missing) - memory_rows)) or ["memory shards"]
             raise RunError(f"{path}: resume state does not fit this config (mismatched {', '.join(wrong[:3])})")

@@ -343,3 +343,16 @@ def test_sigterm_from_outside_checkpoints_and_exits_143(fmnist: Path, tmp_path: 
     assert "SIGTERM" in err and f"--resume {tmp_path / 'term'}" in err
     payload = torch.load(tmp_path / "term" / "resume" / "state.pt", weights_only=True)
     assert payload["epoch"] >= 1 and payload["epoch"] < 50
+
+
+def test_an_empty_resume_state_is_one_line_and_leaves_no_lock(fmnist: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """torch's EOFError for an empty file has no message: the error still names the file, and the refused
+    resume releases the run folder's lock."""
+    args = base_args(fmnist, tmp_path, "empty") + ["optim.epochs=1", "data.train_limit=64"]
+    assert _cli(args, capsys)[0] == 0
+    run = tmp_path / "empty"
+    (run / "resume" / "state.pt").write_bytes(b"")
+    code, err = _cli(["--resume", str(run), "optim.epochs=2"], capsys)
+    assert code == 2 and err.startswith("error:") and "state.pt: resume state unreadable (EOFError)" in err, err
+    assert not (run / ".lock").exists()

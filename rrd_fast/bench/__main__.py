@@ -1,4 +1,4 @@
-"""`python -m rrd_fast.bench train|memory|cache|pipelines [args]` (see the package docstring)."""
+"""`python -m rrd_fast.bench SUBCOMMAND [args]` (the subcommands are listed in the package docstring)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402
 
-from rrd_fast.bench import cache, memory, methods, pipelines, train  # noqa: E402
+from rrd_fast.bench import cache, cache_dtype, compiled, memory, methods, pipelines, reliability, threads, train  # noqa: E402
 from rrd_fast.cli import run_cli  # noqa: E402
 
-COMMANDS = {"train": train, "methods": methods, "memory": memory, "cache": cache, "pipelines": pipelines}
+COMMANDS = {"train": train, "compile": compiled, "methods": methods, "memory": memory, "cache": cache, "pipelines": pipelines, "threads": threads,
+            "cache-dtype": cache_dtype, "reliability": reliability}
 
 
 def build_parser() -> argparse.ArgumentParser:
