@@ -78,7 +78,8 @@ class Compiler:
 
 
 def sgd(params: list[nn.Parameter], device: torch.device, **hyper: Any) -> torch.optim.SGD:
-    """SGD with the multi-tensor step: fused on CUDA, foreach elsewhere (same update, fewer kernel launches)."""
+    """SGD with the fused step on CUDA (one kernel for all parameters instead of several per tensor). On a
+    CPU the per-tensor loop stays: the foreach step computes the same update but measured no faster there."""
     if device.type == "cuda":
         return torch.optim.SGD(params, fused=True, **hyper)
-    return torch.optim.SGD(params, foreach=True, **hyper)
+    return torch.optim.SGD(params, foreach=False, **hyper)
