@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from rrd_fast.bench.common import load_average, machine_info, machine_name, usable_cores, write_json
 from rrd_fast.cli import RunError
@@ -127,12 +127,16 @@ def _items(value: str, option: str) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def parse_launchers(value: str) -> list[str]:
-    items = _items(value, "--launchers")
+def _choices(value: str, option: str, allowed: Collection[str]) -> list[str]:
+    items = _items(value, option)
     for item in items:
-        if item not in LAUNCHERS:
-            raise RunError(f"--launchers: {item!r} is not one of {', '.join(LAUNCHERS)}")
+        if item not in allowed:
+            raise RunError(f"{option}: {item!r} is not one of {', '.join(allowed)}")
     return items
+
+
+def parse_launchers(value: str) -> list[str]:
+    return _choices(value, "--launchers", LAUNCHERS)
 
 
 def parse_threads(value: str) -> list[int]:
@@ -170,11 +174,7 @@ def parse_waits(value: str) -> list[str]:
 
 
 def parse_loads(value: str) -> list[str]:
-    items = _items(value, "--loads")
-    for item in items:
-        if item not in LOADS:
-            raise RunError(f"--loads: {item!r} is not one of {', '.join(LOADS)}")
-    return items
+    return _choices(value, "--loads", LOADS)
 
 
 def default_threads() -> str:

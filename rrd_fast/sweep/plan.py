@@ -385,6 +385,19 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.2f}"
 
 
+def estimate_line(noun: str, total: int, counts: dict[str, int], known_s: float, unknown: int, why_unknown: str) -> str:
+    """The dry run's summary: how many jobs in each state, and the device-hours left at the measured rates."""
+    todo = total - counts.get("done", 0)
+    parts = ", ".join(f"{counts[k]} {k}" for k in ("done", "interrupted", "partial", "new") if counts.get(k))
+    line = f"{total} {noun}s ({parts or 'none selected'}); estimated GPU-hours left: "
+    if todo == 0:
+        return line + f"none, every {noun} is finished"
+    if unknown == todo:
+        return line + f"unknown ({why_unknown})"
+    line += f"{_hours(known_s)} for {todo - unknown} {noun}s at the measured step rate"
+    return line + (f", unknown for {unknown} more" if unknown else "")
+
+
 def describe(plan: Plan, names: list[str], out: Callable[[str], None] = print) -> dict[str, Any]:
     """Print the plan: every run's state, and time left from the step rate measured in this sweep."""
     states = {n: run_state(plan.run_dir(n), plan.runs[n].epochs) for n in names}
@@ -417,16 +430,9 @@ def describe(plan: Plan, names: list[str], out: Callable[[str], None] = print) -
         for method, reason in pair.excluded.items():
             out(f"  excluded: {method} on {pair.name} ({reason})")
     todo = len(names) - counts.get("done", 0)
-    parts = ", ".join(f"{counts[k]} {k}" for k in ("done", "interrupted", "partial", "new") if counts.get(k))
-    line = f"{len(names)} runs ({parts}); estimated GPU-hours left: "
-    if todo == 0:
-        line += "none, every run is finished"
-    elif unknown == todo:
-        line += "unknown (no finished epoch of the same teacher, student, method and data in this sweep yet)"
-    else:
-        line += f"{_hours(known_s)} for {todo - unknown} runs at the measured step rate"
-        line += f", unknown for {unknown} more" if unknown else ""
-    out(line + " (training time, one device per run, evaluation excluded)")
+    out(estimate_line("run", len(names), counts, known_s, unknown,
+                      "no finished epoch of the same teacher, student, method and data in this sweep yet")
+        + " (training time, one device per run, evaluation excluded)")
     known = getattr(plan, "configs", {})
     configs = {n: known[n] if n in known else plan.runs[n].load() for n in names}
     for root, name in missing_data(configs):

@@ -20,15 +20,13 @@ from __future__ import annotations
 import json
 import os
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from pipelines.errors import UserError
 from rrd_fast.config import RunConfig
-from rrd_fast.sweep.plan import Plan, PlannedProbe, RunState, _hours, read_plan
+from rrd_fast.sweep.plan import Plan, PlannedProbe, RunState, _hours, estimate_line, read_plan
 from rrd_fast.sweep.spec import SweepError, SweepSpec, transfer_methods
-from rrd_fast.sweep.status import one_line, write_status
+from rrd_fast.sweep.status import finish_status, record_failure
 from rrd_fast.transfer import RESULT_NAME, TRANSFER_DIR, probe_folder_name, read_results
 
 PROBE_WAVE = 3  # after teachers (0) and students (1, 2)
@@ -169,14 +167,8 @@ def execute_probe(sweep_dir: str | Path, name: str) -> dict[str, Any]:
         result.update(status="done", top1_last=out.get("top1_last"), top1_best=out.get("top1_best"),
                       epochs=out.get("epochs"), bn=out.get("bn"))
     except Exception as exc:  # a failed probe is reported, the sweep goes on
-        result.update(status="failed", error=one_line(exc))
-        if not isinstance(exc, UserError):
-            traceback.print_exc()
-    result["seconds"] = time.perf_counter() - start
-    if hasattr(os, "sched_getaffinity"):
-        result["cpus"] = sorted(os.sched_getaffinity(0))
-    write_status(sweep_dir, name, result)
-    return result
+        record_failure(result, exc)
+    return finish_status(sweep_dir, name, result, start)
 
 
 def skipped_probe(plan: Plan, name: str) -> dict[str, Any]:
@@ -216,16 +208,8 @@ def describe_probes(plan: Plan, names: list[str], out: Callable[[str], None] = p
         done = min(st.epochs_done, probe.epochs) if st.state != "done" else st.epochs_done
         out(f"  {st.state:<12} {PROBE_WAVE:<4} {name:<{width}} {f'{done}/{probe.epochs}':>9} {ips:>8} {est:>10}")
     todo = len(names) - counts.get("done", 0)
-    parts = ", ".join(f"{counts[k]} {k}" for k in ("done", "partial", "new") if counts.get(k))
-    line = f"{len(names)} probes ({parts or 'none selected'}); estimated GPU-hours left: "
-    if todo == 0:
-        line += "none, every probe is finished"
-    elif unknown == todo:
-        line += "unknown (no finished probe epoch of the same model, data set and settings in this sweep yet)"
-    else:
-        line += f"{_hours(known_s)} for {todo - unknown} probes at the measured step rate"
-        line += f", unknown for {unknown} more" if unknown else ""
-    out(line)
+    out(estimate_line("probe", len(names), counts, known_s, unknown,
+                      "no finished probe epoch of the same model, data set and settings in this sweep yet"))
     for dataset, root in missing_transfer_data(plan):
         out(f"warning: transfer.datasets.{dataset}: dataset folder {root} does not exist; the sweep would stop there")
     return {"states": {n: states[n].state for n in names}, "todo": todo}

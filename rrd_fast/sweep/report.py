@@ -22,7 +22,7 @@ from typing import Any
 from rrd_fast.atomic import atomic_path, write_json_atomic
 from rrd_fast.sweep.acceptance import measured_teachers, pair_key
 from rrd_fast.sweep.plan import Plan, main_records, read_plan, run_state
-from rrd_fast.sweep.stats import pooled_std, stats
+from rrd_fast.sweep.stats import mean_std_text as _mean_std, number_text as _num, pooled_std, stats
 from rrd_fast.sweep.status import read_status
 from rrd_fast.sweep.transfer_report import (CSV_EXTRA, build_transfer_figure, collect_transfer,
                                             render_transfer_markdown, transfer_csv_rows)
@@ -137,20 +137,6 @@ def collect(sweep_dir: str | Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- rendering (from results.json only)
-def _num(value: float | None, digits: int = 2, sign: bool = False) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
-
-
-def _mean_std(block: dict[str, Any], n: int) -> str:
-    if not n:
-        return "—"
-    if n == 1 or block["std"] is None:
-        return f"{_num(block['mean'])} (n=1)"
-    return f"{_num(block['mean'])} ± {_num(block['std'])}"
-
-
 def verdict(entry: dict[str, Any], which: str) -> str:
     """One clause in words: the mean difference, and whether it exceeds the pooled seed std."""
     part = entry[which]

@@ -17,15 +17,13 @@ import queue
 import subprocess
 import sys
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from pipelines.errors import UserError
 from rrd_fast.sweep.plan import Plan, read_plan, run_state, seconds_text
-from rrd_fast.sweep.status import one_line, read_status, status_path, write_status
+from rrd_fast.sweep.status import finish_status, read_status, record_failure, status_path
 
 LOG_DIR = "logs"
 
@@ -54,14 +52,8 @@ def execute_run(sweep_dir: str | Path, name: str) -> dict[str, Any]:
             summary = json.loads((cfg.run_dir / "summary.json").read_text())
         result.update(status="done", top1_last=summary.get("top1_last"), top1_best=summary.get("top1_best"))
     except Exception as exc:  # a failed run is reported, the sweep goes on
-        result.update(status="failed", error=one_line(exc))
-        if not isinstance(exc, UserError):
-            traceback.print_exc()
-    result["seconds"] = time.perf_counter() - start
-    if hasattr(os, "sched_getaffinity"):
-        result["cpus"] = sorted(os.sched_getaffinity(0))
-    write_status(sweep_dir, name, result)
-    return result
+        record_failure(result, exc)
+    return finish_status(sweep_dir, name, result, start)
 
 
 def execute_job(sweep_dir: str | Path, name: str) -> dict[str, Any]:

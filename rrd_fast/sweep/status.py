@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -31,3 +34,19 @@ def write_status(sweep_dir: Path, name: str, result: dict[str, Any]) -> None:
 def one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text if isinstance(exc, UserError) else f"{type(exc).__name__}: {text}"
+
+
+def record_failure(result: dict[str, Any], exc: BaseException) -> None:
+    """Mark a job failed with its one-line error; anything but a user error also prints its traceback."""
+    result.update(status="failed", error=one_line(exc))
+    if not isinstance(exc, UserError):
+        traceback.print_exc()
+
+
+def finish_status(sweep_dir: Path, name: str, result: dict[str, Any], started: float) -> dict[str, Any]:
+    """Add the job's seconds (since `started`, a perf_counter reading) and CPUs, write its status, return it."""
+    result["seconds"] = time.perf_counter() - started
+    if hasattr(os, "sched_getaffinity"):
+        result["cpus"] = sorted(os.sched_getaffinity(0))
+    write_status(sweep_dir, name, result)
+    return result

@@ -10,12 +10,11 @@ figure) reads only that section of results.json.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from rrd_fast.sweep.plan import PairPlan, Plan, PlannedProbe
 from rrd_fast.sweep.probes import DATASET_LABELS, probe_result
-from rrd_fast.sweep.stats import stats
+from rrd_fast.sweep.stats import mean_std_text, number_text as _num, stats
 from rrd_fast.sweep.status import read_status
 
 BN_TEXT = {
@@ -115,20 +114,6 @@ def collect_transfer(plan: Plan, table: Any, labels: dict[str, Any]) -> dict[str
 
 
 # ---------------------------------------------------------------------- rendering (from results.json only)
-def _num(value: float | None, sign: bool = False) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    return f"{value:+.2f}" if sign else f"{value:.2f}"
-
-
-def _mean_std_n(block: dict[str, Any], n: int) -> str:
-    if not n:
-        return "—"
-    if n == 1 or block["std"] is None:
-        return f"{_num(block['mean'])} (n={n})"
-    return f"{_num(block['mean'])} ± {_num(block['std'])} (n={n})"
-
-
 def render_transfer_markdown(results: dict[str, Any]) -> list[str]:
     """The second table of results.md (no lines for a sweep without a transfer section)."""
     transfer = results.get("transfer")
@@ -171,7 +156,7 @@ def render_transfer_markdown(results: dict[str, Any]) -> list[str]:
             parts = []
             for dataset in datasets:
                 cell = row["datasets"][dataset]
-                parts.append(f"{_mean_std_n(cell['top1_last'], cell['n'])} | {_num(cell['published'])} | "
+                parts.append(f"{mean_std_text(cell['top1_last'], cell['n'], always_n=True)} | {_num(cell['published'])} | "
                              f"{_num(cell['diff_last'], sign=True)}")
             lines.append(f"| {label} | " + " | ".join(parts) + " |")
         lines += [f"- {note}" for note in pair["notes"]]
