@@ -23,3 +23,9 @@ def did_you_mean(name: str, known: Iterable[str], prefix: str = "") -> str:
     """`; did you mean '<prefix><closest>'?` for an unknown name, or "" when nothing is close."""
     close = difflib.get_close_matches(str(name), list(known), n=1)
     return f"; did you mean '{prefix}{close[0]}'?" if close else ""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, or its type when the message is empty, cut to `limit`."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipelines.errors import UserError, did_you_mean
+from pipelines.errors import UserError, did_you_mean, first_line
 from rrd_fast.atomic import atomic_path, read_json_object, write_json_atomic
 from rrd_fast.models import create_model, list_models
 from rrd_fast.models.registry import MODELS
@@ -373,8 +373,7 @@ def read_repdistiller_state(path: Path) -> dict[str, torch.Tensor]:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refusals and corrupt zips raise assorted types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: cannot read as a weights-only torch checkpoint ({first[:200]})") from None
+        raise CheckpointError(f"{path}: cannot read as a weights-only torch checkpoint ({first_line(exc)})") from None
     state = blob.get("model", blob) if isinstance(blob, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected {{'model': state_dict}} or a plain state_dict of tensors")

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipelines.batch import Batch
+from pipelines.errors import first_line
 from rrd_fast.atomic import atomic_path, write_json_atomic
 from rrd_fast.checkpoint import write_model_checkpoint
 from rrd_fast.cli import RunError
@@ -166,12 +167,6 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
         return out
     return {prefix: tree}
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type when the message is empty), at most 200 characters."""
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:200]
 
 
 def resume_differences(saved: RunConfig, wanted: RunConfig) -> list[str]:
@@ -392,7 +387,7 @@ class Trainer:
             # CPU first: under MULTI_CPU the device is "cpu:0", which torch.load cannot map to; load_state_dict copies to the device.
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise RunError(f"{path}: resume state unreadable ({_first_line(exc)})") from None
+            raise RunError(f"{path}: resume state unreadable ({first_line(exc)})") from None
         saved_inputs = json.loads(payload.get("fingerprints_json", "null")) or {}
         changed = [name for name, value in saved_inputs.items() if value != self.fingerprints.get(name)]
         if changed:
@@ -403,7 +398,7 @@ class Trainer:
         try:
             missing, unexpected = self.unwrapped.load_state_dict(payload["module"], strict=False)
         except RuntimeError as exc:
-            raise RunError(f"{path}: resume state does not fit this config ({_first_line(exc)})") from None
+            raise RunError(f"{path}: resume state does not fit this config ({first_line(exc)})") from None
         if unexpected or set(missing) != memory_rows or "memory_tag" not in payload:
             wrong = sorted(set(unexpected) | (set(missing) - memory_rows)) or ["memory shards"]
             raise RunError(f"{path}: resume state does not fit this config (mismatched {', '.join(wrong[:3])})")
