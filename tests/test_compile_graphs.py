@@ -13,13 +13,18 @@ features of a resnet8 student and a resnet14 teacher at 16x16:
 - each step's losses, gradients and buffers (memory rows, pointer, Z, BN statistics) equal
   eager's within TOL, and every buffer is updated in place (same storage throughout, which
   CUDA graphs need).
+With two gloo ranks, every sharded memory again compiles to one graph (the banks switch to their
+fixed-shape entries there) and its compiled steps equal the eager ones, which exchange indices.
 No inductor here: it would take minutes to compile.
 """
 
 from __future__ import annotations
 
 import copy
+import socket
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -27,6 +32,7 @@ import pytest
 import torch
 import torch._dynamo as dynamo
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from pipelines.batch import Batch
@@ -108,28 +114,34 @@ class Setup:
     steps: list[Step]
 
 
-@pytest.fixture(scope="module")
-def setup() -> Setup:
+def _make_setup(rank: int = 0, world_size: int = 1) -> Setup:
+    """Three steps of the same global batches; rank r of `world_size` gets the r-th slice of each."""
     torch.manual_seed(0)
     student = create_model("resnet8", num_classes=CLASSES).double()
     teacher = create_model("resnet14", num_classes=CLASSES).double().eval()
     labels = np.arange(N_SAMPLES) % CLASSES
     g = torch.Generator().manual_seed(1)
-    steps = []
+    steps, part = [], slice(rank * BATCH // world_size, (rank + 1) * BATCH // world_size)
     for step in range(3):
-        index = (torch.arange(BATCH) + step * BATCH) % N_SAMPLES
-        images = torch.randn(BATCH, 3, SIZE, SIZE, generator=g, dtype=torch.float64)
+        index = ((torch.arange(BATCH) + step * BATCH) % N_SAMPLES)[part]
+        images = torch.randn(BATCH, 3, SIZE, SIZE, generator=g, dtype=torch.float64)[part]
         with torch.no_grad():
             student_out, teacher_out = student(images, features=True), teacher(images, features=True)
-        batch = Batch(images, torch.as_tensor(labels[index.numpy()]), index, torch.zeros(BATCH, 3, dtype=torch.int32), 0)
+        batch = Batch(images, torch.as_tensor(labels[index.numpy()]), index, torch.zeros(len(index), 3, dtype=torch.int32), 0)
         steps.append(Step(images, student_out, teacher_out, batch))
     return Setup(student, net_info(student, "resnet8", CLASSES, 3, SIZE), net_info(teacher, "resnet14", CLASSES, 3, SIZE),
                  labels, steps)
 
 
+@pytest.fixture(scope="module")
+def setup() -> Setup:
+    return _make_setup()
+
+
 def _module(setup: Setup, case: Case, seed: int = 0) -> DistillModule:
     torch.manual_seed(seed)
-    context = TermContext(num_train_samples=N_SAMPLES, seed=seed, world_size=1, memory_sharding=case.sharding,
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    context = TermContext(num_train_samples=N_SAMPLES, seed=seed, world_size=world_size, memory_sharding=case.sharding,
                           train_labels=setup.labels)
     objective = Objective(MethodConfig(name=case.method, options=case.options), setup.s_info, setup.t_info, context)
     module = DistillModule(copy.deepcopy(setup.student), objective).double().train()
@@ -223,9 +235,8 @@ def _train_step(module: torch.nn.Module, fn: Callable, optimizer: torch.optim.Op
 
 def _compiled_matches_eager(setup: Setup, case: Case, whole: bool) -> None:
     """Three steps eager and compiled side by side, a new epoch before the third; one compile, no recompile."""
-    full = _module(setup, case)
-    eager = full if whole else full.objective
-    compiled = copy.deepcopy(eager)
+    full, twin = _module(setup, case), _module(setup, case)  # built twice: deepcopy cannot copy a process group
+    eager, compiled = (full, twin) if whole else (full.objective, twin.objective)
     counter = CompileCounterWithBackend("aot_eager")
     dynamo.reset()
     try:
@@ -268,3 +279,47 @@ def test_cases_cover_every_method_and_memory() -> None:
              for c in CASES if {"rrd", "crd"} & set(c.options)}
     assert kinds >= {("fifo", "local"), ("fifo", "sharded"), ("fifo", "replicated"), ("momentum", "local"),
                      ("contrast", "local"), ("contrast", "sharded")}
+
+
+# ----------------------------------------------------------------------------- 2 processes
+# With two ranks the sharded memories talk to each other inside the step: the FIFO's shard writes and
+# all-gathers, the banks' fixed-shape entries (the index exchange of eager steps cannot compile) and
+# all-reduced statistics. Each rank checks one graph, then compiled (static entries) against eager (the
+# exchange) for three steps of its half of the global batches.
+SHARDED = [c for c in CASES if c.sharding == "sharded"]
+
+
+def _two_rank_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    failures = []
+    try:
+        setup = _make_setup(rank, 2)
+        for case in SHARDED:
+            step, objective = setup.steps[0], _module(setup, case).objective
+            for check in (lambda: _assert_one_graph(f"{case.id}, 2 ranks", objective, _leaves(step.student_out),
+                                                    _teacher(objective, step), step.batch),
+                          lambda: _compiled_matches_eager(setup, case, whole=False)):
+                try:
+                    check()
+                except AssertionError as exc:
+                    failures.append(f"rank {rank}: {exc}")
+    finally:
+        dist.destroy_process_group()
+    (Path(out) / f"rank{rank}.txt").write_text("\n".join(failures))
+
+
+def test_sharded_memories_compile_whole_across_two_ranks(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.start_processes(_two_rank_worker, args=(port, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 300
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("2-process compile check did not finish within 300 s")
+    assert len(SHARDED) >= 4  # FIFO (both presets), momentum banks, CRD's banks
+    failures = [f for r in range(2) for f in (tmp_path / f"rank{r}.txt").read_text().splitlines() if f]
+    assert not failures, "\n".join(failures)

@@ -148,7 +148,7 @@ def test_half_precision_features_give_a_full_precision_loss() -> None:
 # ----------------------------------------------------------------------------- 2 processes against 1
 WORLD, STEPS, SAVE_AT, BATCH, N_SAMPLES, S_DIM, T_DIM = 2, 4, 2, 8, 42, 12, 10
 LABELS = np.arange(N_SAMPLES) % 5
-MODES = ("sharded", "replicated")
+MODES = ("sharded", "replicated", "sharded_static")  # sharded_static: the fixed-shape path compiled steps take
 TOL = 1e-10  # float64
 
 
@@ -188,7 +188,8 @@ def _run(net: nn.Module, term: CRD, opt: torch.optim.Optimizer, first: int, last
 
 
 def _make(world_size: int, sharding: str) -> tuple[CRD, torch.optim.Optimizer]:
-    term = _term(world_size, sharding)
+    term = _term(world_size, sharding.removesuffix("_static"))
+    term.memory.static_exchange = sharding.endswith("_static")
     return term, torch.optim.SGD(term.parameters(), lr=0.5, momentum=0.9)
 
 
@@ -272,12 +273,13 @@ def _assert_memory(ref: dict, got: dict, label: str) -> None:
     assert got["draws"] == ref["draws"] == STEPS
 
 
-def test_sharded_memory_matches_one_process(runs: dict) -> None:
-    ref, ranks = runs["reference"], [r["sharded"] for r in runs["ranks"]]
-    _assert_steps(ref, ranks, 0, "sharded")
+@pytest.mark.parametrize("mode", ["sharded", "sharded_static"])
+def test_sharded_memory_matches_one_process(runs: dict, mode: str) -> None:
+    ref, ranks = runs["reference"], [r[mode] for r in runs["ranks"]]
+    _assert_steps(ref, ranks, 0, mode)
     assert [r["bank_s"].shape[0] for r in ranks] == [N_SAMPLES // WORLD] * WORLD  # N/W rows each, never N
     union = {name: torch.cat([r[name] for r in ranks]) for name in ("bank_s", "bank_t")}
-    _assert_memory(ref, union | {"z_norm": ranks[1]["z_norm"], "draws": ranks[1]["draws"]}, "sharded")
+    _assert_memory(ref, union | {"z_norm": ranks[1]["z_norm"], "draws": ranks[1]["draws"]}, mode)
     torch.testing.assert_close(ranks[0]["z_norm"], ref["z_norm"], rtol=0, atol=TOL)
     # The test can fail: banks moved, gradients are non-trivial and differ between steps.
     assert not torch.allclose(ref["bank_t"], _term(1, "local").memory.bank_t)

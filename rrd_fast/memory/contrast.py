@@ -46,10 +46,12 @@ class ContrastMemory(SampleBanks):
     def reduce(self, s: torch.Tensor, t: torch.Tensor, sample: torch.Tensor, positive: torch.Tensor, batch: int,
                group: Group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         e = torch.stack([s, t]).exp_()
-        # Z = mean score × N over every rank's entries, kept from the first batch on (z_norm < 0 until
-        # then). Formed at every step and selected on the device, so the step has no data-dependent branch.
-        count = torch.full((1,), e.shape[1], dtype=e.dtype, device=e.device)
-        stats = reduce_(torch.cat([e.sum(1), count]), "sum", self.group)
+        # Z = mean score × N over every rank's entries (padding excluded), kept from the first batch on
+        # (z_norm < 0 until then). Formed at every step and selected on the device, so the step has no
+        # data-dependent branch.
+        real = sample < batch
+        count = real.sum().to(e.dtype).reshape(1)
+        stats = reduce_(torch.cat([torch.where(real, e, 0).sum(1), count]), "sum", self.group)
         first = (stats[:2] / stats[2] * self.num_samples).to(self.z_norm.dtype)
         self.z_norm.copy_(torch.where(self.z_norm < 0, first, self.z_norm))
         x = e.div_(self.z_norm.to(e.dtype)[:, None])
@@ -57,7 +59,7 @@ class ContrastMemory(SampleBanks):
         denom = x + (noise + EPS)
         per_entry = torch.where(positive, -(x / denom).log(), -(noise / denom).log())
         kernel = torch.where(positive, -(noise + EPS) / denom, x / denom)  # d per_entry / d s
-        loss = s.new_zeros(batch).index_add_(0, sample, per_entry.sum(0))
+        loss = s.new_zeros(batch + 1).index_add_(0, sample, per_entry.sum(0))[:batch]
         return reduce_(loss, "sum", group), kernel[0], kernel[1]
 
     def row_shards(self) -> dict[str, RowShard]:

@@ -33,6 +33,14 @@ evenly across ranks either way, and the update needs no traffic since each owner
 holds the gathered embeddings of the samples whose rows it owns. In every mode the entries
 are one flat list of (sample, row) pairs scored in chunks, so one code path serves one
 process and W ranks, and no B×(K+1)×D tensor of gathered rows is ever built.
+
+A compiled step (or `static_exchange = True`) cannot exchange the indices: how many entries each
+owner receives depends on the draws, and NCCL's all-to-all takes its split sizes from the host.
+There every rank draws the negatives of the whole global batch itself (the draws are a pure function
+of the sample index, so they are the same ones) and keeps, at fixed shapes, the entries whose rows it
+owns; the others point at a padding slot past the batch whose zero embedding and statistics are
+dropped. No host read, no graph break, no all-to-all, the same losses up to summation order; the
+price is that every rank gathers and scores B·(K+1) entries instead of about B·(K+1)/W.
 """
 
 from __future__ import annotations
@@ -126,6 +134,11 @@ def _gather(x: torch.Tensor, group: Group) -> torch.Tensor:
     return all_gather_with_grad(x, group) if x.requires_grad else all_gather_rows(x, group)
 
 
+def _padded(z: torch.Tensor) -> torch.Tensor:
+    """z with one zero row appended: the padding slot that entries owned elsewhere point at."""
+    return torch.cat([z, z.new_zeros(1, z.shape[1])])
+
+
 def _dots(z: torch.Tensor, bank: torch.Tensor, sample: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """z[sample_e] · bank[rows_e] for every entry e, _CHUNK entries at a time."""
     out = z.new_empty(sample.numel())
@@ -144,7 +157,9 @@ def _scatter(coef: torch.Tensor, sample: torch.Tensor, rows: torch.Tensor, bank:
     return out
 
 
-# (s, t, sample, positive, batch, group) -> (per-sample loss of the batch, dL/ds per entry, dL/dt per entry or None)
+# (s, t, sample, positive, batch, group) -> (per-sample loss of the batch, dL/ds per entry, dL/dt per entry or None).
+# Entries with sample == batch are padding (owned by another rank): a reduction keeps batch + 1 slots and
+# drops the last.
 Reduction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, Group],
                      tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 
@@ -165,13 +180,13 @@ class SampledLoss(torch.autograd.Function):
                 rows: torch.Tensor, positive: torch.Tensor, bank_t: torch.Tensor, bank_s: torch.Tensor, tau_s: float,
                 tau_t: float, reduction: Reduction, lo: int, hi: int, group: Group) -> torch.Tensor:
         batch = zs_all.shape[0]
-        s = _dots(zs_all, bank_t, sample, rows).div_(tau_s)
-        t = _dots(zt_all, bank_s, sample, rows).div_(tau_t)
+        s = _dots(_padded(zs_all), bank_t, sample, rows).div_(tau_s)
+        t = _dots(_padded(zt_all), bank_s, sample, rows).div_(tau_t)
         loss, kernel_s, kernel_t = reduction(s, t, sample, positive, batch, group)
         # This rank's part of dL_i/dz (B×D), formed now so that backward needs no bank rows: the
         # banks are updated in place right after the loss.
-        grad_zs = _scatter(kernel_s / tau_s, sample, rows, bank_t, batch)
-        grad_zt = None if kernel_t is None else _scatter(kernel_t / tau_t, sample, rows, bank_s, batch)
+        grad_zs = _scatter(kernel_s / tau_s, sample, rows, bank_t, batch + 1)[:batch]
+        grad_zt = None if kernel_t is None else _scatter(kernel_t / tau_t, sample, rows, bank_s, batch + 1)[:batch]
         ctx.save_for_backward(grad_zs, grad_zt)
         ctx.group = group
         return loss[lo:hi].clone()
@@ -223,6 +238,7 @@ class SampleBanks(Memory):
         self.register_buffer("bank_s", self.initial_rows(seed, self.start, self.stop, dim, stream=1))
         self.register_buffer("bank_t", self.initial_rows(seed, self.start, self.stop, dim, stream=2))
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))
+        self.static_exchange = False  # sharded: the fixed-shape path even when not compiling (see the module docstring)
 
     @staticmethod
     def initial_rows(seed: int, start: int, stop: int, dim: int, stream: int) -> torch.Tensor:
@@ -245,9 +261,11 @@ class SampleBanks(Memory):
             if group is None:
                 sample = torch.arange(len(index), device=index.device).repeat_interleave(contrast.shape[1])
                 rows = contrast.reshape(-1)
+            elif self.static_exchange or torch.compiler.is_compiling():
+                sample, rows = self._owned_entries(index_all)
             else:
                 sample, rows = self._route(contrast)
-            positive = rows + self.start == index_all[sample]
+            positive = rows + self.start == torch.cat([index_all, index_all.new_full((1,), -1)])[sample]
             lo = self.rank * len(index)
             out = SampledLoss.apply(zs_all, zt_all, sample, rows, positive, self.bank_t, self.bank_s, tau_s, tau_t,
                                     self.reduce, lo, lo + len(index), group)
@@ -256,6 +274,15 @@ class SampleBanks(Memory):
             self._update(zs_all.detach(), zt_all.detach(), index_all)
         self.draws.add_(1)
         return out
+
+    def _owned_entries(self, index_all: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global batch's entries at a fixed shape, B·(K+1): those whose rows this rank owns with their
+        sample's position and local row, the others pointing at the padding slot B and row 0."""
+        contrast = self.sampler.draw(index_all, self.draws)
+        owned = (contrast >= self.start) & (contrast < self.stop)
+        position = torch.arange(len(index_all), device=index_all.device)[:, None]
+        sample = torch.where(owned, position, len(index_all)).reshape(-1)
+        return sample, torch.where(owned, contrast - self.start, 0).reshape(-1)
 
     def _route(self, contrast: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Send each drawn row index of this rank's samples to the row's owner.
@@ -299,18 +326,18 @@ class MomentumMemory(SampleBanks):
 
     def reduce(self, s: torch.Tensor, t: torch.Tensor, sample: torch.Tensor, positive: torch.Tensor, batch: int,
                group: Group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        big = s.new_full((2, batch), float("-inf"))
+        big = s.new_full((2, batch + 1), float("-inf"))
         big[0].scatter_reduce_(0, sample, s, "amax")
         big[1].scatter_reduce_(0, sample, t, "amax")
         reduce_(big, "max", group)
         e_t = (t - big[1][sample]).exp_()
         e_s = (s - big[0][sample]).exp_()
-        sums = s.new_zeros(3, batch)
+        sums = s.new_zeros(3, batch + 1)
         sums[0].index_add_(0, sample, e_s)
         sums[1].index_add_(0, sample, e_t)
         sums[2].index_add_(0, sample, e_t * s)
         reduce_(sums, "sum", group)
-        loss = big[0] + sums[0].log() - sums[2] / sums[1]
+        loss = (big[0] + sums[0].log() - sums[2] / sums[1])[:batch]
         kernel = e_s.div_(sums[0][sample]).sub_(e_t.div_(sums[1][sample]))  # softmax_s - p_t
         return loss, kernel, None
 
