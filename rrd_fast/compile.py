@@ -20,8 +20,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-# `auto` compiles runs of at least this many training steps: shorter runs (smoke tests, demos)
-# would spend more time compiling than compiling saves.
+# `auto` compiles CUDA runs of at least this many training steps: shorter runs (smoke tests, demos)
+# would spend more time compiling than compiling saves. On CPUs `auto` stays eager: there
+# `python -m rrd_fast.bench compile` finds compiled steps no faster than eager ones (oneDNN's
+# convolutions dominate either way), so compiling would only add its start-up.
 AUTO_MIN_STEPS = 2000
 CUDA_ONLY_MODES = ("reduce-overhead", "max-autotune")
 
@@ -40,17 +42,28 @@ def resolve_compile(setting: str, steps: int, device: torch.device) -> tuple[boo
         return True, "train.compile=on"
     if setting == "off":
         return False, "train.compile=off"
+    if device.type != "cuda":
+        return False, (f"train.compile=auto: off on {device.type} (compiled steps measured no faster than eager "
+                       "there: python -m rrd_fast.bench compile; train.compile=on compiles anyway)")
     if steps >= AUTO_MIN_STEPS:
         return True, f"train.compile=auto: on, {steps} training steps >= {AUTO_MIN_STEPS}"
     return False, f"train.compile=auto: off, {steps} training steps < {AUTO_MIN_STEPS} (compiling would not pay back)"
 
 
 class Compiler:
-    """Compiles a run's parts with one backend and mode; `enabled=False` leaves everything eager."""
+    """Compiles a run's parts with one backend and mode; `enabled=False` leaves everything eager.
+
+    An enabled Compiler starts from empty in-memory dynamo caches: code compiled earlier in this process
+    (another run in a test session or notebook, another variant of a benchmark) would count against
+    dynamo's recompile limit (8 per function, every model instance of one class sharing it), past which
+    dynamo runs that function eagerly with only a warning. Compiled kernels stay in the on-disk cache.
+    """
 
     def __init__(self, enabled: bool, backend: str = "inductor", mode: str = "default",
                  device: torch.device | None = None) -> None:
         self.enabled = enabled
+        if enabled:
+            torch._dynamo.reset()
         self.backend = backend
         # CUDA graphs and autotuning need a GPU; on a CPU they fall back to the default mode.
         cpu = device is None or device.type != "cuda"

@@ -243,7 +243,7 @@ class TeacherConfig:
     cache_precision: Literal["auto", "no", "bf16", "fp16"] = field(default="auto", metadata=meta("", (
         "teacher autocast in the build; auto: train.mixed_precision (cached == online needs the same)")))
     cache_batch_size: int = field(default=0, metadata=meta(">=0", (
-        "build batch; 0: 256 on CPU, the largest that fits (from 4096 down) on CUDA")))
+        "build batch; 0: 64 on CPU, the largest that fits (from 4096 down) on CUDA")))
     cache_shard_samples: int = field(default=65536, metadata=meta(">0", (
         "samples per shard file; a killed build resumes at the first unfinished shard")))
     cache_verify: Literal["checksum", "size"] = field(default="checksum", metadata=meta("", (
@@ -338,7 +338,8 @@ class TrainConfig:
         "(needs the tensorboard extra)")))
     compile: Literal["off", "on", "auto"] = field(default="off", metadata=meta("", (
         "torch.compile the distillation step (student, loss terms, memories, backward), the teacher's forward "
-        "and evaluation; auto: on for runs of at least 2000 training steps; the decision is printed")))
+        "and evaluation; auto: on for CUDA runs of at least 2000 training steps, off on CPUs (measured no faster "
+        "there); the decision is printed")))
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = field(
         default="default", metadata=meta("", (
             "torch.compile mode; reduce-overhead (CUDA graphs) and max-autotune apply on CUDA only, CPUs use default")))

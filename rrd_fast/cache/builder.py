@@ -41,7 +41,9 @@ from rrd_fast.data import IMAGE_DTYPES, build_data
 from rrd_fast.models import ModelOutput, feat_shapes
 from rrd_fast.checkpoint import load_teacher
 
-CPU_BATCH = 256
+# On a CPU the teacher's forward runs faster at 64 images than at 256 (smaller activations stay in the
+# caches; `teacher.cache_batch_size` overrides); on CUDA the largest batch that fits.
+CPU_BATCH = 64
 CUDA_FIRST_BATCH = 4096
 LOCK_NAME = ".build.lock"
 
