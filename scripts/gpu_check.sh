@@ -111,9 +111,24 @@ section "trainer and cache" trainer_and_cache_on_gpu
 
 # compiled step: no device sync inside a CUDA step (sync debug mode "error")
 compiled_step_on_gpu() {
-    "$PY" -m pytest -q -m gpu tests/test_compile.py
+    "$PY" -m pytest -q -m gpu tests/test_compile.py tests/test_bench_compile.py
 }
 section "compiled step" compiled_step_on_gpu
+
+# compiled step benchmark (issue 17): resnet32x4 -> resnet8x4, bf16, channels_last, batch 64 and 256, eager
+# against each compile mode in steps/s, with the cache build's and evaluation's passes and the projected
+# 240-epoch CIFAR-100 run (32-view cache build + training + evaluation + compile). max-autotune runs on its
+# own, last, because its autotuning may take minutes; each part keeps its JSON in $OUT as groups finish.
+compiled_step_bench_on_gpu() {
+    local out=${OUT:-$(mktemp -d)}
+    timeout 300 "$PY" -m rrd_fast.bench compile --device cuda --models resnet32x4:resnet8x4 --batch-sizes 64 256 \
+        --precisions bf16 --modes default reduce-overhead --rounds 3 --steps 50 --project --trajectory-steps 50 \
+        --no-start-up --out "$out/bench_compile.json"
+    timeout 240 "$PY" -m rrd_fast.bench compile --device cuda --models resnet32x4:resnet8x4 --batch-sizes 64 \
+        --precisions bf16 --modes max-autotune --rounds 3 --steps 50 --project --trajectory-steps 0 \
+        --no-start-up --out "$out/bench_compile_max_autotune.json"
+}
+section "compiled step benchmark" compiled_step_bench_on_gpu
 
 if [ ${#FAILED[@]} -gt 0 ]; then
     echo "gpu_check: FAILED: ${FAILED[*]}"

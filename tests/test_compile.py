@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipelines.synthetic import write_fashion_mnist
 from rrd_fast.checkpoint import write_model_checkpoint
-from rrd_fast.compile import AUTO_MIN_STEPS, resolve_compile
+from rrd_fast.compile import AUTO_MIN_STEPS, Compiler, resolve_compile
 from rrd_fast.config import load_config
 from rrd_fast.models import create_model
 from rrd_fast.trainer import Trainer
@@ -61,11 +61,37 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "model.safetensors")
 
 
-def test_auto_compiles_long_runs_only() -> None:
-    cpu = torch.device("cpu")
-    assert resolve_compile("auto", AUTO_MIN_STEPS - 1, cpu)[0] is False
-    assert resolve_compile("auto", AUTO_MIN_STEPS, cpu)[0] is True
-    assert resolve_compile("on", 1, cpu)[0] is True and resolve_compile("off", 10**9, cpu)[0] is False
+def test_each_run_compiles_past_dynamos_recompile_limit() -> None:
+    """Twice dynamo's recompile limit of models of one class, each with its own Compiler (as successive runs of
+    one process, or a benchmark's variants, build them): every one reaches the backend, none falls back to eager."""
+    compiled = []
+
+    def counting_backend(graph: torch.fx.GraphModule, inputs: list) -> object:
+        compiled.append(graph)
+        return graph.forward
+
+    class Scale(torch.nn.Module):  # a class of ours: dynamo skips top-level frames of torch.nn's own modules
+        def __init__(self, factor: float) -> None:
+            super().__init__()
+            self.factor = torch.nn.Parameter(torch.tensor(factor))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.factor
+
+    limit = torch._dynamo.config.recompile_limit
+    for i in range(2 * limit):
+        model = Compiler(True, backend=counting_backend).module(Scale(float(i)))
+        model(torch.ones(4, 3))
+    assert len(compiled) == 2 * limit
+
+
+def test_auto_compiles_long_cuda_runs_only() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_compile("auto", AUTO_MIN_STEPS - 1, cuda)[0] is False
+    assert resolve_compile("auto", AUTO_MIN_STEPS, cuda)[0] is True
+    compiled, why = resolve_compile("auto", 10**9, cpu)  # no faster on CPUs: auto stays eager there
+    assert compiled is False and "off on cpu" in why
+    assert resolve_compile("on", 1, cpu)[0] is True and resolve_compile("off", 10**9, cuda)[0] is False
 
 
 def test_compiled_kd_matches_eager_and_resumes_bit_identically(fmnist: Path, teacher: Path, tmp_path: Path) -> None:
@@ -170,7 +196,8 @@ def test_no_host_reads_between_sync_points(fmnist: Path, teacher: Path, tmp_path
 
 @pytest.mark.gpu
 def test_no_device_sync_inside_a_cuda_step(fmnist: Path, teacher: Path, tmp_path: Path) -> None:
-    """On CUDA every step of RRD+KD (compiled, bf16) runs with torch's sync debug mode set to error."""
+    """On CUDA every step of RRD+KD (compiled, bf16), and the pipeline's hand-over of every batch after an
+    epoch's first, run with torch's sync debug mode set to error."""
     cfg = _cfg(fmnist, teacher, tmp_path, "cuda", "method.name=rrd", "method.alpha=1.0", "method.beta=1.0",
                "method.options={rrd: {queue_size: 100}}", "optim.epochs=2", "train.compile=on",
                "train.mixed_precision=bf16")
@@ -186,4 +213,21 @@ def test_no_device_sync_inside_a_cuda_step(fmnist: Path, teacher: Path, tmp_path
             torch.cuda.set_sync_debug_mode("default")
 
     trainer._main_step = strict
+    pipe = trainer.data.train
+    epoch = pipe.epoch
+
+    def strict_epoch(*args, **kwargs):
+        batches = epoch(*args, **kwargs)
+        yield next(batches)  # an epoch's set-up (its order, say) may read the device once
+        while True:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            yield batch
+
+    pipe.epoch = strict_epoch
     trainer.fit()
