@@ -21,8 +21,6 @@ No inductor here: it would take minutes to compile.
 from __future__ import annotations
 
 import copy
-import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -32,7 +30,7 @@ import pytest
 import torch
 import torch._dynamo as dynamo
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawned import run_ranks
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from pipelines.batch import Batch
@@ -310,16 +308,7 @@ def _two_rank_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_sharded_memories_compile_whole_across_two_ranks(tmp_path: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.start_processes(_two_rank_worker, args=(port, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 300
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("2-process compile check did not finish within 300 s")
+    run_ranks(_two_rank_worker, str(tmp_path))
     assert len(SHARDED) >= 4  # FIFO (both presets), momentum banks, CRD's banks
     failures = [f for r in range(2) for f in (tmp_path / f"rank{r}.txt").read_text().splitlines() if f]
     assert not failures, "\n".join(failures)

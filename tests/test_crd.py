@@ -11,7 +11,6 @@ writes per-rank resume state that one process then continues (and the reverse).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,9 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from reference_inputs import (SHAPES, assert_summary_close, features, fill_module, load_fixture, state_shapes,
                               student_features, summarize)
-from test_distributed import _free_port
+from spawned import run_ranks
 from torch import nn
 
 from pipelines.batch import Batch
@@ -239,13 +237,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     _save(out / "w1", term, opt, 0, 1)
     later = _run(term, term, opt, SAVE_AT, STEPS, 0, 1)
     reference = later | {k: first[k] + later[k] for k in ("loss", "grad", "pooled_grad")}
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + 300
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("2-process run did not finish within 300 s")
+    run_ranks(_worker, str(out), nprocs=WORLD)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     term, opt = _make(1, "local")  # 2 -> 1: continue the two ranks' state in one process
     _load(out / "w2", WORLD, term, opt, 0, 1)

@@ -17,8 +17,6 @@ nothing to do with the memory.
 
 from __future__ import annotations
 
-import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawned import run_ranks
 from torch import nn
 
 from pipelines.batch import Batch
@@ -182,12 +180,6 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("dist")
@@ -203,13 +195,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             rec = run_steps(net, opt, 0, job.steps, 0, 1)
         reference[job.name] = {**rec, "rows": memory_rows(net)}
     torch.save({name: ref["grad"] for name, ref in reference.items()}, out / "reference_grads.pt")
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + 300
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("2-process run did not finish within 300 s")
+    run_ranks(_worker, str(out), nprocs=WORLD)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     resumed: dict[str, Any] = {}
     for name in RESHARD_JOBS:  # 2 -> 1: continue the two ranks' state in one process

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from spawned import free_port
 
 from pipelines.synthetic import write_fashion_mnist
 from rrd_fast.checkpoint import write_model_checkpoint
@@ -50,12 +50,6 @@ raise SystemExit(run_cli(lambda: check_launch(Accelerator()) or 0))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(args: list[str], cwd: Path, use_cpu: bool = True) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
@@ -63,7 +57,7 @@ def _launch(args: list[str], cwd: Path, use_cpu: bool = True) -> subprocess.Pope
         env["ACCELERATE_USE_CPU"] = "true"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), *args]
+           "--main_process_port", str(free_port()), *args]
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
