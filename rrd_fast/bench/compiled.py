@@ -58,12 +58,6 @@ def _method(name: str):
     return method
 
 
-def _autocast(device: Any, precision: str):
-    import torch
-
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
 def _sync(device: Any) -> None:
     import torch
 
@@ -77,6 +71,7 @@ def build_step(kind: str, teacher_arch: str, student_arch: str, batch: int, prec
     function doing one step, which returns its loss (a device tensor; None for the inference passes)."""
     import torch
 
+    from rrd_fast.bench.train import autocast_for
     from rrd_fast.compile import Compiler, sgd
     from rrd_fast.methods import Objective, TermContext
     from rrd_fast.models import create_model
@@ -100,7 +95,7 @@ def build_step(kind: str, teacher_arch: str, student_arch: str, batch: int, prec
         forward, held_images = compiler.function(model), images()
 
         def inference() -> None:
-            with torch.inference_mode(), _autocast(dev, precision):
+            with torch.inference_mode(), autocast_for(precision, dev.type):
                 forward(held_images, features=kind == "teacher")
 
         return inference
@@ -116,7 +111,7 @@ def build_step(kind: str, teacher_arch: str, student_arch: str, batch: int, prec
     teacher_forward = compiler.function(teacher)
 
     def run_teacher(x: torch.Tensor) -> Any:
-        with torch.no_grad(), _autocast(dev, precision):
+        with torch.no_grad(), autocast_for(precision, dev.type):
             return teacher_forward(x, features=True)
 
     held = [run_teacher(b.images) for b in batches] if kind == "cached" else None
@@ -127,7 +122,7 @@ def build_step(kind: str, teacher_arch: str, student_arch: str, batch: int, prec
         state["i"] += 1
         b = batches[i]
         teacher_out = None if kind == "student" else held[i] if held is not None else run_teacher(b.images)
-        with _autocast(dev, precision):
+        with autocast_for(precision, dev.type):
             _, losses = module(b.images, teacher_out, b)
         total = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)

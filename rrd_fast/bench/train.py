@@ -103,11 +103,11 @@ class Variant:
         return statistics.median(self.samples) if self.samples else float("nan")
 
 
-def autocast_for(precision: str) -> contextlib.AbstractContextManager:
+def autocast_for(precision: str, device_type: str = "cpu") -> contextlib.AbstractContextManager:
     import torch
 
     if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
