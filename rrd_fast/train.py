@@ -32,7 +32,7 @@ import signal  # noqa: E402
 import threading  # noqa: E402
 
 from rrd_fast.atomic import DiskFullError  # noqa: E402
-from rrd_fast.cli import RunError, run_cli  # noqa: E402
+from rrd_fast.cli import RunError, run_cli, say  # noqa: E402
 from rrd_fast.config import RunConfig, config_help, dump_config, load_config  # noqa: E402
 from rrd_fast.run_dir import check_resumable, check_writable, disk_full_message  # noqa: E402
 
@@ -103,12 +103,12 @@ def train(cfg: RunConfig, args: argparse.Namespace, owns_process: bool = False) 
         summary = trainer.fit()
     except TrainingStopped as stop:
         if trainer.accelerator.is_main_process:
-            print(f"{cfg.name}: {stop}", file=sys.stderr, flush=True)
+            say(f"{cfg.name}: {stop}")  # the launcher that would show it may be dead (see rrd_fast/cli.py)
         return stop.exit_code
     except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this epoch was written
         last = trainer.state.epoch
-        print(f"{cfg.name}: interrupted in epoch {last + 1}; the last checkpoint is at the end of epoch {last}: "
-              f"resume with: python rrd_fast/train.py --resume {cfg.run_dir}", file=sys.stderr, flush=True)
+        say(f"{cfg.name}: interrupted in epoch {last + 1}; the last checkpoint is at the end of epoch {last}: "
+            f"resume with: python rrd_fast/train.py --resume {cfg.run_dir}")
         return 130
     finally:
         trainer.close()

@@ -195,6 +195,33 @@ def test_workers_exit_when_their_launcher_is_killed(fmnist: Path, tmp_path: Path
     assert json.loads((run / "summary.json").read_text())["epochs"] == end
 
 
+SPEAKS_INTO_DEAD_PIPES = """
+import sys
+from rrd_fast.cli import run_cli, say
+def main():
+    assert not say("run: stopped by SIGTERM")  # stderr: no reader
+    assert not say("epoch 3/50 ...", sys.stdout)  # stdout: no reader
+    print("left in stdout's buffer for the exit flush")
+    return 143
+raise SystemExit(run_cli(main))
+"""
+
+
+def test_messages_to_a_dead_launchers_pipe_keep_the_exit_code() -> None:
+    """`accelerate launch` pipes its worker's stderr; once it is killed, the worker's messages hit EPIPE
+    (Python's exit code 1, or 120 from the flush at exit) and must not replace its 143."""
+    ends = [os.pipe() for _ in range(2)]
+    for read, _ in ends:
+        os.close(read)  # before the child starts: every write it makes finds no reader
+    try:
+        child = subprocess.run([sys.executable, "-c", SPEAKS_INTO_DEAD_PIPES], stdout=ends[0][1], stderr=ends[1][1],
+                               env=_env(), timeout=60)
+    finally:
+        for _, write in ends:
+            os.close(write)
+    assert child.returncode == 143
+
+
 # ------------------------------------------------------------------ folders that cannot be written
 def _without_write_override() -> None:
     """preexec_fn: as root, drop CAP_DAC_OVERRIDE from the bounding set, so that after exec the
