@@ -4,17 +4,17 @@ Every user-facing error subclasses `pipelines.errors.UserError`, so this module 
 other part of the project and any command line (the trainer's, export's, the cache's) can
 use it without importing the code that raises those errors.
 
-Messages also survive a reader that is gone: `accelerate launch` (1.16 on) passes its worker's
-stderr through a pipe, and once the launcher is killed every write to it fails with EPIPE. A
-worker that has just checkpointed must still exit with its own code (143 after SIGTERM), not
-with Python's 1 for the BrokenPipeError or 120 for the failed flush at exit.
+It also keeps a process alive when the reader of its output is gone. `accelerate launch` (1.16
+on) passes its worker's stderr through a pipe; once the launcher is killed, every write to that
+pipe fails with EPIPE: the next progress-bar refresh would end the step loop before the stop
+checkpoint, and the stop message would turn the worker's exit code 143 into Python's 1.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, TextIO
+from typing import Any, Callable, TextIO
 
 from pipelines.errors import UserError
 
@@ -23,50 +23,57 @@ class RunError(UserError, RuntimeError):
     """A run that cannot continue (non-finite loss, mismatched resume state, ...)."""
 
 
-def say(text: str, stream: TextIO | None = None) -> bool:
-    """Write `text` as a line (stderr by default) and flush; False when no one reads it any more."""
-    stream = sys.stderr if stream is None else stream
-    try:
-        print(text, file=stream, flush=True)
-        return True
-    except BrokenPipeError:
-        _discard_output(stream)
-        return False
-
-
-def flush_std_streams() -> None:
-    """Flush stdout and stderr now, so that a dead pipe cannot change the exit code at interpreter exit."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except BrokenPipeError:
-            _discard_output(stream)
-        except (ValueError, AttributeError):  # closed or replaced by something without flush
-            pass
-
-
-def _discard_output(stream: TextIO) -> None:
-    """Point the stream's descriptor at /dev/null: what it still buffers, and later writes, then succeed."""
-    try:
-        fd = stream.fileno()
-    except (OSError, ValueError, AttributeError):
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, fd)
-    finally:
-        os.close(devnull)
-
-
 def run_cli(main: Callable[[], int]) -> int:
     """Run `main`; a `UserError` becomes one `error: ...` line on stderr and exit code 2."""
     try:
-        code = main()
+        return main()
     except UserError as exc:
-        say(f"error: {' '.join(str(exc).split())}")
-        code = 2
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        say("interrupted")
-        code = 130
-    flush_std_streams()
-    return code
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+class _DropWhenUnread:
+    """stdout/stderr that, once its pipe has no reader, points the descriptor at /dev/null and goes on."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._discard()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._discard()
+
+    def _discard(self) -> None:
+        """Later writes, and what the stream still buffers (flushed again at exit), now go to /dev/null."""
+        try:
+            fd = self._stream.fileno()
+        except (OSError, ValueError):  # no descriptor behind it: the text is dropped all the same
+            return
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, buffer, ...
+        return getattr(self._stream, name)
+
+
+def keep_going_without_readers() -> None:
+    """For a process of its own (a command line's `__main__`): output nobody reads any more is dropped
+    instead of raising BrokenPipeError wherever the next print or progress bar happens to be."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, _DropWhenUnread):
+            setattr(sys, name, _DropWhenUnread(stream))

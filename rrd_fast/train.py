@@ -5,7 +5,8 @@
 
 On Linux with glibc the process first restarts itself once with GLIBC_TUNABLES set
 (rrd_fast/malloc_tuning.py); set RRD_FAST_NO_MALLOC_TUNING=1 to skip that. Started by a
-launcher, it then stops (as on SIGTERM) when the launcher dies (rrd_fast/parent_watch.py).
+launcher, it then stops (as on SIGTERM) when the launcher dies (rrd_fast/parent_watch.py), and
+output that no one reads any more is dropped (rrd_fast/cli.py), so that the stop still checkpoints.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ if __name__ == "__main__":  # before torch loads: glibc reads its malloc tunable
     from rrd_fast.parent_watch import watch_parent_if_launched
 
     watch_parent_if_launched()  # under a launcher: SIGTERM (checkpoint, exit 143) if it dies
+    from rrd_fast.cli import keep_going_without_readers
+
+    keep_going_without_readers()  # ... and the pipe it read our stderr from (accelerate >= 1.16) fails no write
 
 import argparse  # noqa: E402
 import os  # noqa: E402
@@ -32,7 +36,7 @@ import signal  # noqa: E402
 import threading  # noqa: E402
 
 from rrd_fast.atomic import DiskFullError  # noqa: E402
-from rrd_fast.cli import RunError, run_cli, say  # noqa: E402
+from rrd_fast.cli import RunError, run_cli  # noqa: E402
 from rrd_fast.config import RunConfig, config_help, dump_config, load_config  # noqa: E402
 from rrd_fast.run_dir import check_resumable, check_writable, disk_full_message  # noqa: E402
 
@@ -103,12 +107,12 @@ def train(cfg: RunConfig, args: argparse.Namespace, owns_process: bool = False) 
         summary = trainer.fit()
     except TrainingStopped as stop:
         if trainer.accelerator.is_main_process:
-            say(f"{cfg.name}: {stop}")  # the launcher that would show it may be dead (see rrd_fast/cli.py)
+            print(f"{cfg.name}: {stop}", file=sys.stderr, flush=True)
         return stop.exit_code
     except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this epoch was written
         last = trainer.state.epoch
-        say(f"{cfg.name}: interrupted in epoch {last + 1}; the last checkpoint is at the end of epoch {last}: "
-            f"resume with: python rrd_fast/train.py --resume {cfg.run_dir}")
+        print(f"{cfg.name}: interrupted in epoch {last + 1}; the last checkpoint is at the end of epoch {last}: "
+              f"resume with: python rrd_fast/train.py --resume {cfg.run_dir}", file=sys.stderr, flush=True)
         return 130
     finally:
         trainer.close()

@@ -12,7 +12,6 @@ import math
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
 import warnings
@@ -30,7 +29,7 @@ from pipelines.batch import Batch
 from pipelines.errors import first_line
 from rrd_fast.atomic import atomic_path, write_json_atomic
 from rrd_fast.checkpoint import write_model_checkpoint
-from rrd_fast.cli import RunError, say
+from rrd_fast.cli import RunError
 from rrd_fast.compile import Compiler, resolve_compile, sgd
 from rrd_fast.config import RunConfig, config_to_dict, load_config, save_config
 from rrd_fast.data import RunData, build_data
@@ -495,8 +494,8 @@ class Trainer:
                 if cfg.train.progress:
                     done = self.state.epoch - first
                     elapsed = time.perf_counter() - began
-                    say(epoch_line(record, self.state, total_main=cfg.optim.epochs, total_init=self.init_epochs,
-                                   elapsed=elapsed, eta=elapsed / done * (total - self.state.epoch)), sys.stdout)
+                    print(epoch_line(record, self.state, total_main=cfg.optim.epochs, total_init=self.init_epochs,
+                                     elapsed=elapsed, eta=elapsed / done * (total - self.state.epoch)), flush=True)
             stop = self._stop_agreed()
             if self.state.epoch % cfg.train.save_every == 0 or self.state.epoch == total or stop:
                 self._save_resume()

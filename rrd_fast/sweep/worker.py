@@ -16,6 +16,9 @@ if __name__ == "__main__":  # all before torch loads
     from rrd_fast.malloc_tuning import reexec_with_malloc_tuning
 
     reexec_with_malloc_tuning()  # glibc reads its malloc tunables only at process start
+    from rrd_fast.cli import keep_going_without_readers
+
+    keep_going_without_readers()  # a run must not die of a print once its sweep's output pipe is gone
 
 
 def main(argv: list[str] | None = None) -> int:
