@@ -3,7 +3,8 @@
 # On machines without an NVIDIA GPU, the CPU build of torch is installed first so that
 # no multi-GB CUDA build is pulled in by the `torch` requirement. It also installs the real
 # Fashion-MNIST (Debian's dataset-fashion-mnist) for the demo when it can (scripts/fashion_mnist.sh).
-# The other packages are installed at the versions in scripts/constraints.txt.
+# The other packages are installed at the versions CI last passed with (scripts/constraints.txt,
+# whose header says how to move them on).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/fashion_mnist.sh
@@ -19,5 +20,4 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
         .venv/bin/python -m pip install -q "torch==2.13.0"
     fi
 fi
-# The versions CI last passed with (scripts/constraints.txt says how to move them on).
 .venv/bin/python -m pip install -q -c scripts/constraints.txt -e ".[dev,onnx,dali]"
